@@ -1,0 +1,30 @@
+# Two commands do all set-up: `make run` (install into .venv + run the embedded pipeline) and `make test`.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# Pytest arguments for `make test` (e.g. make test PYTEST_ARGS="-m 'not slow'").
+PYTEST_ARGS ?=
+
+.PHONY: run test install clean
+
+$(BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/noisyrollout run
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs data/corpus

@@ -1,0 +1,186 @@
+"""Reports: per-benchmark JSON, summary.json, summary.md and a bar chart (summary.png).
+
+`OUT/<benchmark>.json` = {"results": [...], "metrics": {...}, "config": {...}}. Metrics count every
+sample: `n_total` = all loaded, `n_unreadable` = image missing or unreadable (not generated),
+`n_scored` = the rest. `accuracy` is over scored samples (the authors' suite silently skipped
+unreadable images, so this is the comparable number); `accuracy_all` counts unreadable samples as
+wrong. Sub-accuracies are over scored samples too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from eval.benchmarks import BENCHMARKS, EMBEDDED_SPLITS
+
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+SUMMARY_PNG = "summary.png"
+#: Words that mark a config key as a secret (an API key passed in by mistake, say): such entries
+#: are never written out. Matched against the key's words (`api_key`, `hf-token`, `apiKey`).
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "authorization", "auth", "credential"}
+
+
+def _is_secret(key: object) -> bool:
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
+    return any(w in _SECRET_WORDS for w in words)
+
+
+def redact(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a config with secret-looking entries removed, recursively."""
+    clean: dict[str, Any] = {}
+    for k, v in config.items():
+        if _is_secret(k):
+            continue
+        clean[k] = redact(v) if isinstance(v, Mapping) else v
+    return clean
+
+
+def compute_metrics(results: Iterable[Mapping[str, Any]], sub_key: str | None = None) -> dict[str, Any]:
+    """accuracy, accuracy_all, sub_accuracies (by `sub_key`), n_total, n_scored, n_unreadable, ..."""
+    results = list(results)
+    scored = [r for r in results if not r.get("unreadable")]
+    n_correct = sum(1 for r in scored if r.get("correct"))
+    groups: dict[str, list[bool]] = defaultdict(list)
+    if sub_key:
+        for r in scored:
+            if r.get(sub_key) not in (None, ""):
+                groups[str(r[sub_key])].append(bool(r.get("correct")))
+    return {
+        "accuracy": n_correct / len(scored) if scored else 0.0,
+        "accuracy_all": n_correct / len(results) if results else 0.0,
+        "sub_accuracies": {k: sum(v) / len(v) for k, v in sorted(groups.items())},
+        "sub_counts": {k: len(v) for k, v in sorted(groups.items())},
+        "sub_key": sub_key,
+        "n_total": len(results),
+        "n_scored": len(scored),
+        "n_unreadable": len(results) - len(scored),
+        "n_correct": n_correct,
+        "n_no_answer": sum(1 for r in scored if r.get("extracted") in (None, "")),
+        "n_judged": sum(1 for r in scored if r.get("judge_answer") is not None or r.get("judge_error")),
+        "n_judge_errors": sum(1 for r in scored if r.get("judge_error")),
+    }
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Write JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_benchmark(output_dir: Path, name: str, results: list[dict[str, Any]], metrics: Mapping[str, Any],
+                    config: Mapping[str, Any]) -> Path:
+    """OUT/<name>.json with results, metrics and the (redacted) config."""
+    return write_json(Path(output_dir) / f"{name}.json",
+                      {"benchmark": name, "results": results, "metrics": dict(metrics), "config": redact(config)})
+
+
+def read_benchmark(path: Path) -> dict[str, Any]:
+    """A saved OUT/<name>.json. Raises `DataError` when it is not one."""
+    from noisyrollout.errors import DataError
+
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable results file ({exc})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("results"), list):
+        raise DataError(f"{path}: no 'results' list; not an eval output")
+    return payload
+
+
+def build_summary(metrics: Mapping[str, Mapping[str, Any]], *, skipped: Mapping[str, str] | None = None,
+                  config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The cross-benchmark summary: per-benchmark headline numbers and the paper-benchmark average."""
+    order = [n for n in BENCHMARKS + EMBEDDED_SPLITS if n in metrics] + sorted(
+        n for n in metrics if n not in BENCHMARKS + EMBEDDED_SPLITS)
+    table = {
+        name: {k: metrics[name].get(k) for k in
+               ("accuracy", "accuracy_all", "n_total", "n_scored", "n_unreadable", "n_correct", "sub_accuracies")}
+        for name in order
+    }
+    paper = [metrics[n]["accuracy"] for n in BENCHMARKS if n in metrics]
+    return {
+        "benchmarks": table,
+        "average": sum(paper) / len(paper) if paper else None,
+        "average_over": [n for n in BENCHMARKS if n in metrics],
+        "skipped": dict(skipped or {}),
+        "config": redact(config or {}),
+    }
+
+
+def render_markdown(summary: Mapping[str, Any]) -> str:
+    """summary.md: the accuracy table, the skipped benchmarks and the sub-accuracies."""
+    lines = ["# Evaluation summary", "", "| benchmark | accuracy (%) | scored | total | unreadable |",
+             "|---|---:|---:|---:|---:|"]
+    for name, row in summary["benchmarks"].items():
+        lines.append(f"| {name} | {100 * row['accuracy']:.1f} | {row['n_scored']} | {row['n_total']} "
+                     f"| {row['n_unreadable']} |")
+    if summary.get("average") is not None:
+        lines.append(f"| **average** ({len(summary['average_over'])} paper benchmarks) | "
+                     f"**{100 * summary['average']:.1f}** | | | |")
+    if summary.get("skipped"):
+        lines += ["", "## Skipped", ""] + [f"- {n}: {why}" for n, why in summary["skipped"].items()]
+    subs = {n: r["sub_accuracies"] for n, r in summary["benchmarks"].items() if r.get("sub_accuracies")}
+    if subs:
+        lines += ["", "## Sub-accuracies", ""]
+        for name, sub in subs.items():
+            lines += [f"### {name}", "", "| group | accuracy (%) |", "|---|---:|"]
+            lines += [f"| {g} | {100 * a:.1f} |" for g, a in sub.items()] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_summary(summary: Mapping[str, Any], path: Path) -> Path:
+    """A bar chart of accuracy per benchmark (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["benchmarks"])
+    values = [100 * summary["benchmarks"][n]["accuracy"] for n in names]
+    colors = ["#4c72b0"] * len(names)
+    if summary.get("average") is not None:
+        names.append("average")
+        values.append(100 * summary["average"])
+        colors.append("#dd8452")
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1), 3.6))
+    bars = ax.bar(names, values, color=colors)
+    for bar, value in zip(bars, values):
+        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, max(100.0, math.ceil(max(values, default=0) / 10) * 10))
+    ax.set_title("NoisyRollout evaluation")
+    ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_summary(output_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
+    """summary.json, summary.md and summary.png in `output_dir`."""
+    output_dir = Path(output_dir)
+    md = output_dir / SUMMARY_MD
+    write_json(output_dir / SUMMARY_JSON, summary)
+    md.write_text(render_markdown(summary), encoding="utf-8")
+    return {"json": output_dir / SUMMARY_JSON, "md": md, "png": plot_summary(summary, output_dir / SUMMARY_PNG)}

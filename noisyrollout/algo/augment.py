@@ -1,0 +1,80 @@
+"""Image distortions for the noisy rollouts (SPEC section 2).
+
+`distort(image, kind, strength, decay, generator)` returns a new RGB PIL image:
+
+    gaussian   strength = alpha0, the diffusion "noise step": t = int(alpha0 * decay) in [0, 999];
+               x_t = sqrt(abar[t]) * x0 + sqrt(1 - abar[t]) * eps on [0, 1] floats, clamped, back to uint8.
+    rotate     strength = rotate_max degrees: angle ~ U[-strength * decay, +strength * decay], bilinear,
+               canvas expanded.
+    crop_fill  strength = crop_size, a fraction of each side: a black rectangle of
+               (strength * decay * W, strength * decay * H) at a uniform position.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+DistortionKind = Literal["gaussian", "rotate", "crop_fill"]
+DISTORTIONS: tuple[str, ...] = ("gaussian", "rotate", "crop_fill")
+
+NUM_NOISE_STEPS = 1000
+
+
+def _alphas_cumprod() -> torch.Tensor:
+    betas = torch.sigmoid(torch.linspace(-6, 6, NUM_NOISE_STEPS, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+ALPHAS_CUMPROD: torch.Tensor = _alphas_cumprod()  # the constant beta table of SPEC section 2, built once
+
+
+def noise_step(strength: float, decay: float) -> int:
+    """The integer diffusion step t = int(alpha0 * decay), clipped to [0, 999]."""
+    return min(max(int(strength * decay), 0), NUM_NOISE_STEPS - 1)
+
+
+def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def gaussian_noise(image: Image.Image, t: int, generator: torch.Generator | None = None) -> Image.Image:
+    """Forward-diffuse `image` to step `t` of the sigmoid beta schedule."""
+    x0 = TF.pil_to_tensor(image.convert("RGB")).to(torch.float64) / 255.0
+    eps = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    abar = ALPHAS_CUMPROD[t]
+    xt = (abar.sqrt() * x0 + (1.0 - abar).sqrt() * eps).clamp(0.0, 1.0)
+    return TF.to_pil_image((xt * 255.0).round().to(torch.uint8))
+
+
+def rotate(image: Image.Image, max_degrees: float, generator: torch.Generator | None = None) -> Image.Image:
+    angle = _uniform(generator, -max_degrees, max_degrees)
+    return TF.rotate(image.convert("RGB"), angle, interpolation=TF.InterpolationMode.BILINEAR, expand=True)
+
+
+def crop_fill(image: Image.Image, fraction: float, generator: torch.Generator | None = None) -> Image.Image:
+    out = image.convert("RGB")  # convert() copies, so the caller's image is untouched
+    w, h = out.size
+    cw, ch = round(fraction * w), round(fraction * h)
+    if cw <= 0 or ch <= 0:
+        return out
+    cw, ch = min(cw, w), min(ch, h)
+    x0 = int(_uniform(generator, 0, w - cw + 1 - 1e-9))
+    y0 = int(_uniform(generator, 0, h - ch + 1 - 1e-9))
+    out.paste((0, 0, 0), (x0, y0, x0 + cw, y0 + ch))
+    return out
+
+
+def distort(image: Image.Image, kind: DistortionKind = "gaussian", strength: float = 500, decay: float = 1.0,
+            generator: torch.Generator | None = None) -> Image.Image:
+    """A distorted copy of `image` (RGB) at strength `strength * decay`; `generator` makes it reproducible."""
+    if kind == "gaussian":
+        return gaussian_noise(image, noise_step(strength, decay), generator)
+    if kind == "rotate":
+        return rotate(image, strength * decay, generator)
+    if kind == "crop_fill":
+        return crop_fill(image, strength * decay, generator)
+    raise ValueError(f"unknown distortion {kind!r}; choose one of {', '.join(DISTORTIONS)}")

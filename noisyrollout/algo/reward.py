@@ -1,0 +1,194 @@
+"""Rule-based rewards for GRPO (SPEC section 4).
+
+`score` gives {"overall", "accuracy", "format"} for one response: format checks the
+`<think>...</think>...\\boxed{...}` layout, accuracy compares the last `\\boxed{}` with the
+ground truth (choice letters, yes/no and words as strings, everything else with math-verify).
+Every call is bounded in time: hostile or huge outputs score 0, they never hang the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import threading
+from collections.abc import Sequence
+
+from math_verify import parse, verify
+from math_verify.errors import TimeoutException
+
+MAX_RESPONSE_CHARS: int = 32_768  # longer responses score 0 on everything, immediately
+MAX_ANSWER_CHARS: int = 512  # a boxed answer longer than this is not sent to math-verify
+
+_BOXED = "\\boxed{"
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)  # an escaped char, or a real brace
+_STYLE = re.compile(r"\\(?:text|mathrm|textbf|textrm|mbox|operatorname)\s*\{([^{}]*)\}")
+_DEGREES = re.compile(r"\s*(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree|\s+degrees?$)")
+_PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")
+_CHOICE = re.compile(r"[A-H]")
+_WORD = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")  # "yes", "red", "dark blue": compared as text
+
+_log = logging.getLogger(__name__)
+
+
+class _ShortenLongRecords(logging.Filter):
+    """math-verify logs the whole input on a timeout (up to 100k characters): keep the head."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > 200:
+            record.msg, record.args = f"{message[:200]}... [{len(message)} chars]", None
+        return True
+
+
+for _name in ("math_verify.parser", "math_verify.grader", "math_verify.utils"):
+    logging.getLogger(_name).addFilter(_ShortenLongRecords())
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (nested braces allowed), None if absent or unbalanced."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    begin = start + len(_BOXED)
+    depth = 1
+    for match in _BRACE_TOKEN.finditer(text, begin):
+        token = match.group()
+        if token == "{":
+            depth += 1
+        elif token == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin : match.start()]
+    return None
+
+
+def format_reward(response: str) -> float:
+    """1.0 iff re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", response, re.DOTALL) matches.
+
+    Written with str.find (linear time): the regex backtracks badly on hostile input.
+    The leftmost choice of each piece leaves the most room for the next one, so it is exact.
+    """
+    if not response.startswith("<think>"):
+        return 0.0
+    close = response.find("</think>", len("<think>"))
+    if close < 0:
+        return 0.0
+    box = response.find(_BOXED, close + len("</think>"))
+    if box < 0:
+        return 0.0
+    return 1.0 if response.find("}", box + len(_BOXED)) >= 0 else 0.0
+
+
+def _normalize(answer: str) -> str:
+    """Strip the wrapping that does not change an answer: $..$, \\text{}, degrees, '(B)', a final '.'."""
+    s = answer
+    for _ in range(4):  # a few passes, for wrappings inside wrappings, e.g. "$\text{(B)}$."
+        before = s
+        s = s.strip().rstrip(".").strip()
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$":
+            s = s.strip("$")
+        if s.startswith("\\(") and s.endswith("\\)") or s.startswith("\\[") and s.endswith("\\]"):
+            s = s[2:-2]
+        s = _STYLE.sub(r"\1", s)
+        s = _DEGREES.sub("", s)
+        s = s.replace("\\left", "").replace("\\right", "")
+        letter = _PAREN_LETTER.fullmatch(s.strip())
+        s = letter.group(1) if letter else s
+        if s == before:
+            break
+    return s.strip()
+
+
+def _math_verify_equal(gold: str, pred: str, timeout_s: int | None) -> bool:
+    """math-verify on two normalised answers; any exception or timeout counts as False."""
+    try:
+        gold_parsed = parse(_BOXED + gold + "}", parsing_timeout=timeout_s)
+        pred_parsed = parse(_BOXED + pred + "}", parsing_timeout=timeout_s)
+        if not gold_parsed or not pred_parsed:
+            return False
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
+    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+        return False
+
+
+def _grade_in_child(gold: str, pred: str, timeout_s: int) -> None:
+    """Worker process: the verdict is the exit code (0 equal, 1 not); os._exit skips all cleanup."""
+    equal = False
+    try:  # a forked child's one thread is its main thread: signal.alarm timeouts work here too
+        equal = _math_verify_equal(gold, pred, timeout_s)
+    finally:
+        os._exit(0 if equal else 1)
+
+
+def _math_verify_in_process(gold: str, pred: str, timeout_s: int) -> bool:
+    """Off the main thread signal.alarm is unavailable: grade in a process we can kill."""
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    worker = context.Process(target=_grade_in_child, args=(gold, pred, timeout_s))
+    try:
+        worker.start()
+    except Exception as exc:  # e.g. out of processes, or called inside a daemonic process
+        _log.warning("could not start a grading process (%s): answer scored as wrong", exc)
+        return False
+    worker.join(3 * timeout_s + 1)  # parse gold + parse pred + verify, as on the main thread
+    if worker.is_alive():
+        worker.kill()
+        worker.join()
+        return False
+    return worker.exitcode == 0
+
+
+def grade_answer(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> bool:
+    """Are two answers equivalent? Choice letters, yes/no and plain words: case-insensitive text.
+
+    Anything else: exact normalised match, else math-verify with a time limit (signal.alarm on the
+    main thread, a killable worker process elsewhere). A prediction over MAX_ANSWER_CHARS is False.
+    """
+    if len(prediction) > MAX_ANSWER_CHARS:
+        return False
+    pred, gold = _normalize(prediction), _normalize(ground_truth)
+    if not pred or not gold:
+        return False
+    if _CHOICE.fullmatch(gold) or _WORD.fullmatch(gold) and len(gold) > 1:
+        # math-verify would read "yes" as y*e*s (so "sey" would match) and "B" as a variable b.
+        return pred.lower() == gold.lower()
+    if pred == gold:
+        return True
+    timeout_s = max(1, int(timeout_s))  # math-verify disables its timeout for 0
+    if threading.current_thread() is threading.main_thread():
+        return _math_verify_equal(gold, pred, timeout_s)
+    return _math_verify_in_process(gold, pred, timeout_s)
+
+
+def accuracy_reward(response: str, ground_truth: str, *, timeout_s: int = 3) -> float:
+    """1.0 iff the last \\boxed{} of the response is equivalent to the ground truth."""
+    if len(response) > MAX_RESPONSE_CHARS:
+        return 0.0
+    answer = extract_boxed(response)
+    return 1.0 if answer is not None and grade_answer(answer, ground_truth, timeout_s=timeout_s) else 0.0
+
+
+def score(
+    response: str,
+    ground_truth: str,
+    *,
+    format_weight: float = 0.1,
+    accuracy_only: bool = False,
+    timeout_s: int = 3,
+) -> dict[str, float]:
+    """{"overall", "accuracy", "format"}; overall = (1 - w) * accuracy + w * format, or accuracy alone."""
+    if len(response) > MAX_RESPONSE_CHARS:
+        return {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
+    accuracy = accuracy_reward(response, ground_truth, timeout_s=timeout_s)
+    fmt = format_reward(response)
+    overall = accuracy if accuracy_only else (1.0 - format_weight) * accuracy + format_weight * fmt
+    return {"overall": overall, "accuracy": accuracy, "format": fmt}
+
+
+def score_batch(responses: Sequence[str], ground_truths: Sequence[str], **kw) -> list[dict[str, float]]:
+    """`score` for each (response, ground truth) pair; keyword arguments go to `score`."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    return [score(r, g, **kw) for r, g in zip(responses, ground_truths)]

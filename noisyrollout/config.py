@@ -1,0 +1,182 @@
+"""Typed configuration: pydantic models that mirror `params.yaml` section by section.
+
+`params.yaml` is the only place a knob lives; `load_params` reads it, applies `section.key=value` overrides
+(the same syntax as `dvc exp run -S`) and validates everything, naming the offending key on error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from noisyrollout.errors import ConfigError
+
+SYSTEM_PROMPT = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
+    "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}."
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(Section):
+    corpus_dir: Path = Field(Path("data/corpus"), description="Where `prepare` writes the rendered corpus (parquet per split).")
+    train: str = Field("data/corpus", description="Training set: hub id `owner/name@split`, a parquet/jsonl file, or a folder.")
+    train_split: str = Field("train", description="Split of `train` used for RL (and SFT on the embedded profile).")
+    val: str = Field("data/corpus", description="Validation set (same forms as `train`).")
+    val_split: str = Field("val", description="Split of `val` used for the before/after accuracy table.")
+    image_size: int = Field(56, ge=28, description="Side in pixels of rendered corpus images (multiple of 28 recommended).")
+    tasks: list[Literal["count", "bar", "length"]] = Field(["count", "bar", "length"], description="Synthetic tasks to render.")
+    sizes: dict[str, int] = Field({"train": 3000, "val": 600, "test": 600, "ood": 600}, description="Examples per split.")
+    min_pixels: int = Field(3136, ge=784, description="Images are resized to at least this many pixels (aspect kept).")
+    max_pixels: int = Field(3136, ge=784, description="Images are resized to at most this many pixels (aspect kept).")
+    seed: int = Field(0, description="Seed of the corpus renderer.")
+
+
+class TinyModelConfig(Section):
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size of the locally trained tokenizer.")
+    hidden_size: int = Field(128, description="Text decoder hidden size.")
+    intermediate_size: int = Field(512, description="Text decoder MLP size.")
+    num_hidden_layers: int = Field(2, description="Text decoder layers.")
+    num_attention_heads: int = Field(4, description="Text decoder attention heads.")
+    num_key_value_heads: int = Field(2, description="Text decoder key/value heads (GQA).")
+    max_position_embeddings: int = Field(2048, description="Longest sequence the decoder supports.")
+    vision_depth: int = Field(2, description="Vision transformer blocks.")
+    vision_hidden_size: int = Field(64, description="Vision transformer hidden size.")
+    vision_intermediate_size: int = Field(256, description="Vision transformer MLP size.")
+    vision_num_heads: int = Field(4, description="Vision transformer heads.")
+    patch_size: int = Field(14, description="Vision patch side in pixels.")
+    spatial_merge_size: int = Field(2, description="Patches merged per side into one image token.")
+    image_mean: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="Normalisation mean: white maps to 0.")
+    image_std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
+    min_pixels: int = Field(3136, description="Processor lower bound on pixels per image.")
+    max_pixels: int = Field(200704, description="Processor upper bound on pixels per image.")
+
+
+class ModelConfig(Section):
+    embedded: bool = Field(True, description="Build the tiny model and tokenizer locally instead of loading `name_or_path`.")
+    name_or_path: str = Field("runs/embedded/base", description="Base policy: a local folder or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Architecture of the embedded model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training.")
+    freeze_vision: bool = Field(True, description="Freeze the vision tower during RL (the paper's setting).")
+    system_prompt: str = Field(SYSTEM_PROMPT, description="System prompt of every rollout (the authors').")
+
+
+class SFTConfig(Section):
+    enabled: bool = Field(True, description="Run the SFT warm start (the role of the Instruct checkpoint).")
+    steps: int = Field(150, ge=0, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (linear warm-up, cosine decay).")
+    warmup_steps: int = Field(10, ge=0, description="Warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    output_dir: Path = Field(Path("runs/embedded/sft"), description="Where the warm-started policy is saved.")
+
+
+class NoiseConfig(Section):
+    distortion: Literal["gaussian", "rotate", "crop_fill"] = Field("gaussian", description="Distortion for the noisy rollouts.")
+    alpha0: float = Field(500, ge=0, description="Initial strength: noise step (gaussian, 0-999), degrees (rotate) or side fraction (crop_fill).")
+    anneal: Literal["none", "linear", "pow", "exp", "sigmoid"] = Field("sigmoid", description="Annealing of the strength over RL steps.")
+    anneal_coef: float = Field(30.0, description="Coefficient of the pow/exp/sigmoid schedules.")
+    anneal_mid_step: float = Field(40, description="Sigmoid midpoint, in steps.")
+
+
+class RolloutConfig(Section):
+    engine: Literal["hf"] = Field("hf", description="Rollout engine: `hf` (transformers generate).")
+    n_clean: int = Field(4, ge=0, description="Rollouts per prompt on the clean image.")
+    n_noisy: int = Field(4, ge=0, description="Rollouts per prompt on the distorted image (0 = vanilla GRPO).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(24, ge=1, description="Longest response, in tokens.")
+
+    @model_validator(mode="after")
+    def _some_rollouts(self) -> "RolloutConfig":
+        if self.n_clean + self.n_noisy < 1:
+            raise ValueError("n_clean + n_noisy must be at least 1")
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(60, ge=1, description="RL steps (one rollout batch each).")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout batch; each gets n_clean + n_noisy responses.")
+    mini_batches: int = Field(1, ge=1, description="Policy updates per rollout batch (the rollout batch is split in this many).")
+    lr: float = Field(1e-4, gt=0, description="Learning rate (constant after warm-up).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    estimator: Literal["grpo", "rloo", "reinforce_pp", "dr_grpo"] = Field("grpo", description="Advantage estimator.")
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip range epsilon.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (authors: 1e-3).")
+    kl_coef: float = Field(0.0, ge=0, description="low_var_kl coefficient to the initial policy (paper: 0, no KL).")
+    loss_agg: Literal["token-mean", "seq-mean-token-sum-norm"] = Field("token-mean", description="Loss aggregation.")
+    format_weight: float = Field(0.1, ge=0, le=1, description="Reward = (1 - w) * accuracy + w * format.")
+    accuracy_only: bool = Field(False, description="Reward = accuracy alone.")
+    output_dir: Path = Field(Path("runs/embedded/rl"), description="Where the trained policy and metrics go.")
+    log_every: int = Field(1, ge=1, description="Print one line every this many steps.")
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(128, ge=1, description="Prompts per generation batch in validation.")
+    max_new_tokens: int = Field(24, ge=1, description="Longest validation response, in tokens (greedy).")
+    val_limit: int | None = Field(None, description="Use at most this many validation examples (None = all).")
+
+
+class Params(Section):
+    seed: int = Field(0, description="Global seed (model init, sampling, noise).")
+    threads: int = Field(1, ge=1, description="torch threads per process (1 avoids oversubscription on small CPUs).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base` (used for recipe files)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None,
+                recipe: str | Path | None = None) -> Params:
+    """Read `path` (if given), deep-merge `recipe` over it, apply `key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    for file in (path, recipe):
+        if file is None:
+            continue
+        file = Path(file)
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such parameters file")
+        try:
+            tree = merge(tree, yaml.safe_load(file.read_text()) or {})
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"params: {where}: {err['msg']} (got {err.get('input')!r})") from None

@@ -1,0 +1,91 @@
+"""HFEngine: batched sampling with transformers `generate` (KV cache), the CPU rollout engine.
+
+It holds a reference to the policy model itself (colocated with the learner), so it always samples from
+the current weights and needs no weight sync.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from noisyrollout.rollout.chat import chat_text
+from noisyrollout.rollout.engine import Generation, Prompt, SamplingParams
+
+# Sampling one of these would break the next forward ("image features and image tokens do not match").
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def vision_token_ids(tokenizer: Any) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def trim_response(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[int]:
+    """Cut a generated row after its first EOS (kept) and drop trailing padding."""
+    out: list[int] = []
+    for tok in ids:
+        out.append(tok)
+        if tok in eos_ids:
+            return out
+    while out and pad_id is not None and out[-1] == pad_id and pad_id not in eos_ids:
+        out.pop()
+    return out
+
+
+class HFEngine:
+    """Engine protocol over a transformers image-text-to-text model and its processor."""
+
+    def __init__(self, model: Any, processor: Any, *, system_prompt: str | None, batch_size: int = 64) -> None:
+        self.model = model
+        self.processor = processor
+        self.system_prompt = system_prompt
+        self.batch_size = batch_size
+        tok = processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.eos_ids))
+        self.suppress_ids = vision_token_ids(tok)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, system_prompt: str | None, min_pixels: int | None = None,
+                        max_pixels: int | None = None, batch_size: int = 32, dtype: str = "float32") -> "HFEngine":
+        from noisyrollout.models.load import load_model, load_processor
+
+        processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+        model = load_model(path, dtype=dtype).eval()
+        return cls(model, processor, system_prompt=system_prompt, batch_size=batch_size)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
+        out: list[Generation] = []
+        per_call = max(1, self.batch_size // max(params.n, 1))
+        for start in range(0, len(prompts), per_call):
+            out.extend(self._generate_batch(prompts[start:start + per_call], params))
+        return out
+
+    def _generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
+        tok = self.processor.tokenizer
+        tok.padding_side = "left"
+        texts = [chat_text(self.processor, p.text, self.system_prompt) for p in prompts]
+        inputs = self.processor(text=texts, images=[p.image for p in prompts], padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        greedy = params.temperature <= 0
+        sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.model.generate(
+                **inputs, do_sample=not greedy, num_return_sequences=params.n, max_new_tokens=params.max_new_tokens,
+                suppress_tokens=self.suppress_ids or None, pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids), use_cache=True, **sampling,
+            )
+        finally:
+            self.model.train(was_training)
+        generated = sequences[:, inputs["input_ids"].shape[1]:].tolist()
+        rows = [trim_response(ids, self.eos_ids, self.pad_id) for ids in generated]
+        texts_out = tok.batch_decode(rows, skip_special_tokens=True)
+        return [Generation(token_ids=rows[i * params.n:(i + 1) * params.n], texts=texts_out[i * params.n:(i + 1) * params.n])
+                for i in range(len(prompts))]

@@ -1,0 +1,81 @@
+"""The single-process RL driver: load the warm-started policy, run `noisyrollout_step` T times, save."""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from noisyrollout.config import Params
+from noisyrollout.models.load import load_model, load_processor, vision_tower
+from noisyrollout.rollout.hf_engine import HFEngine
+from noisyrollout.train.metrics import MetricsLog, StepMetrics
+from noisyrollout.train.optim import TorchOptimizer
+from noisyrollout.train.step import PromptBatch, noisyrollout_step
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def prompt_batches(examples: Sequence[dict], batch_size: int, seed: int) -> Iterator[PromptBatch]:
+    """Endless whole-prompt batches: a fresh shuffle every epoch, deterministic for `seed`."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        chosen = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        yield PromptBatch(images=[e["image"] for e in chosen], problems=[e["problem"] for e in chosen],
+                          answers=[e["answer"] for e in chosen])
+
+
+@dataclass
+class RLResult:
+    model_dir: Path
+    metrics: list[StepMetrics]
+
+
+def train_rl(params: Params, examples: Sequence[dict], init_dir: Path, *, progress: bool = True,
+             log: Any = print) -> RLResult:
+    """NoisyRollout GRPO from the policy in `init_dir`; writes `<output_dir>/model` and `metrics.jsonl`."""
+    cfg = params.train
+    generator = seed_everything(params.seed)
+    processor = load_processor(init_dir, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels)
+    model = load_model(init_dir, dtype=params.model.dtype)
+    model.train()
+    if params.model.freeze_vision:
+        vision_tower(model).requires_grad_(False)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    engine = HFEngine(model, processor, system_prompt=params.model.system_prompt,
+                      batch_size=cfg.prompts_per_step * (params.rollout.n_clean + params.rollout.n_noisy))
+    optimizer = TorchOptimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, max_grad_norm=cfg.max_grad_norm)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    metrics_log.path.unlink(missing_ok=True)
+    batches = prompt_batches(examples, cfg.prompts_per_step, params.seed)
+    history: list[StepMetrics] = []
+    bar = tqdm(range(cfg.steps), desc="rl", disable=not progress)
+    for step in bar:
+        metrics, _, _ = noisyrollout_step(step, cfg.steps, next(batches), model=model, processor=processor,
+                                          engine=engine, optimizer=optimizer, params=params, generator=generator,
+                                          ref_model=ref_model)
+        metrics_log.append(metrics)
+        history.append(metrics)
+        bar.set_postfix(clean=f"{metrics.reward_clean:.2f}", noisy=f"{metrics.reward_noisy:.2f}")
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+            (bar.write if progress else log)(metrics.line())
+    model_dir = out_dir / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    return RLResult(model_dir=model_dir, metrics=history)

@@ -1,0 +1,80 @@
+"""Log-probabilities of responses under the policy, conditioned on (clean) image prompts.
+
+Every sequence is `[left-padded prompt | right-padded response]`, so all responses start at the same column
+and the M-RoPE positions of the prompt are the ones `generate` used. This is where NoisyRollout's rule is
+kept: the caller passes the CLEAN prompts, whatever image a response was sampled from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from noisyrollout.rollout.chat import chat_text
+
+
+@dataclass
+class EncodedPrompts:
+    """Processor output for a list of prompts, kept per prompt so responses can pick their prompt."""
+
+    input_ids: list[torch.Tensor]       # one unpadded 1-D tensor per prompt
+    pixel_values: list[torch.Tensor]    # one (patches, dim) tensor per prompt
+    image_grid_thw: torch.Tensor        # (n_prompts, 3)
+
+
+def encode_prompts(processor: Any, images: Sequence[Image.Image], problems: Sequence[str],
+                   system_prompt: str | None) -> EncodedPrompts:
+    texts = [chat_text(processor, p, system_prompt) for p in problems]
+    processor.tokenizer.padding_side = "left"
+    enc = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    ids = [row[mask.bool()] for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    grid = enc["image_grid_thw"]
+    pixels = list(torch.split(enc["pixel_values"], grid.prod(-1).tolist()))
+    return EncodedPrompts(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+
+
+def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
+                    response_mask: torch.Tensor, *, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for `[prompt_index[i] prompt | response i]`; responses start at column `prompt_width`."""
+    width = max(len(prompts.input_ids[p]) for p in prompt_index)
+    n = len(prompt_index)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for row, p in enumerate(prompt_index):
+        seq = prompts.input_ids[p]
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    input_ids = torch.cat([ids, response_ids.masked_fill(~response_mask.bool(), pad_id)], dim=1)
+    attention_mask = torch.cat([mask, response_mask.long()], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == image_token_id).int(),
+        "pixel_values": torch.cat([prompts.pixel_values[p] for p in prompt_index]),
+        "image_grid_thw": prompts.image_grid_thw[list(prompt_index)],
+    }
+
+
+def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
+                      response_mask: torch.Tensor, *, pad_id: int, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p(response | prompt) of shape (n, L) (0 where masked), and the token entropy if asked."""
+    inputs = build_sequences(prompts, prompt_index, response_ids, response_mask, pad_id=pad_id,
+                             image_token_id=model.config.image_token_id)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    length = response_ids.shape[1]
+    logits = model(**inputs, use_cache=False).logits[:, -length - 1:-1, :].float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logprobs = F.log_softmax(logits, dim=-1)
+    mask = response_mask.to(device).bool()
+    token_logp = logprobs.gather(-1, response_ids.to(device).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    entropy = None
+    if with_entropy:
+        entropy = -(logprobs.exp() * logprobs).sum(-1).masked_fill(~mask, 0.0)
+    return token_logp, entropy

@@ -1,0 +1,164 @@
+"""The optional LLM judge against a tiny OpenAI-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from eval.fixtures import write_fixture_data
+from eval.judge import Judge, JudgeError, JudgeRequest
+from eval.runner import eval_sampling, regrade, run_eval
+from noisyrollout.errors import ConfigError
+from noisyrollout.rollout.engine import Generation, Prompt, SamplingParams
+
+KEY = "sk-test-0123456789-SECRET"
+
+
+class FakeChatServer(ThreadingHTTPServer):
+    """POST /chat/completions: answers with the text after 'ANSWER=' in the user message, or NONE.
+
+    `fail_next` makes the next N requests fail with `fail_status`; every request is recorded.
+    """
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict] = []
+        self.fail_next = 0
+        self.fail_status = 500
+        self.lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeChatServer
+
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            fail = self.server.fail_next > 0
+            self.server.fail_next -= 1 if fail else 0
+        if self.path != "/v1/chat/completions":
+            self.send_error(404)
+            return
+        if fail:
+            self.send_error(self.server.fail_status)
+            return
+        found = re.search(r"ANSWER=(\S+)", body["messages"][-1]["content"])
+        reply = json.dumps({"choices": [{"message": {"role": "assistant",
+                                                     "content": found.group(1) if found else "NONE"}}]})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+
+@pytest.fixture()
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeChatServer]:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    srv = FakeChatServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=5)
+
+
+def _judge(server: FakeChatServer, cache: Path, **kw: object) -> Judge:
+    return Judge(base_url=server.base_url, model="judge-model", api_key=KEY, cache_dir=cache, backoff_s=0.001,
+                 max_workers=2, timeout_s=5, **kw)
+
+
+def test_retries_a_500_then_succeeds(server: FakeChatServer, tmp_path: Path) -> None:
+    server.fail_next = 2
+    judge = _judge(server, tmp_path / "cache", max_retries=3)
+    assert judge.extract(JudgeRequest("What?", "so ANSWER=42 it is")) == "42"
+    assert len(server.requests) == 3 and judge.stats.retries == 2
+    assert server.requests[-1]["auth"] == f"Bearer {KEY}"
+    assert server.requests[-1]["body"]["model"] == "judge-model"
+
+
+def test_gives_up_after_retries_and_on_client_errors(server: FakeChatServer, tmp_path: Path) -> None:
+    judge = _judge(server, tmp_path / "cache", max_retries=2)
+    server.fail_next = 10
+    with pytest.raises(JudgeError, match="HTTP 500") as info:
+        judge.extract(JudgeRequest("q", "ANSWER=1"))
+    assert len(server.requests) == 3 and KEY not in str(info.value)
+    server.fail_next, server.fail_status = 10, 401
+    [result] = judge.extract_many([JudgeRequest("q", "ANSWER=2")])
+    assert isinstance(result, JudgeError) and len(server.requests) == 4  # a 401 is not retried
+
+
+class NoBoxEngine:
+    """Responds without \\boxed{}: only the judge can find the answer (written as ANSWER=<x>)."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
+        return [Generation(token_ids=[[0]], texts=[f"I think ANSWER={self.answers.get(p.text, 'x')}"])
+                for p in prompts]
+
+
+def test_judge_in_eval_caches_and_never_writes_the_key(server: FakeChatServer, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    expected = write_fixture_data(data)
+    answers = {q.question: q.answer for q in expected["hallubench"] + expected["mathverse"]}
+    answers[expected["mathverse"][2].question] = "99"  # a wrong extraction stays wrong
+    monkeypatch.setenv("NOISYROLLOUT_JUDGE_BASE_URL", server.base_url)
+    monkeypatch.setenv("NOISYROLLOUT_JUDGE_MODEL", "judge-model")
+    monkeypatch.setenv("NOISYROLLOUT_JUDGE_API_KEY", KEY)
+    monkeypatch.setenv("NOISYROLLOUT_JUDGE_CACHE_DIR", str(tmp_path / "cache"))
+    judge = Judge.from_env(backoff_s=0.001)
+    assert judge is not None and KEY not in repr(judge) and KEY not in json.dumps(judge.describe())
+
+    server.fail_next = 1  # one transient failure inside the run: retried
+    out = tmp_path / "out"
+    summary = run_eval(NoBoxEngine(answers), data_dir=data, corpus_dir=None, datasets="hallubench,mathverse",
+                       output_dir=out, sampling=eval_sampling(), judge=judge, progress=False)
+    assert summary["benchmarks"]["hallubench"]["accuracy"] == 1.0
+    assert summary["benchmarks"]["mathverse"]["accuracy"] == pytest.approx(2 / 3)
+    rows = json.loads((out / "hallubench.json").read_text())["results"]
+    assert all(r["graded_by"] == "judge" and r["judge_answer"] == r["answer"] for r in rows)
+    calls = len(server.requests)
+    assert calls == 7 + 1  # 4 + 3 questions, one retry
+
+    # a re-grade of the same predictions costs nothing: every answer comes from the cache
+    again = regrade(out, tmp_path / "again", judge=Judge.from_env(backoff_s=0.001), progress=False)
+    assert len(server.requests) == calls
+    assert again["benchmarks"] == summary["benchmarks"]
+
+    written = [p for d in (out, tmp_path / "again", tmp_path / "cache") for p in d.rglob("*") if p.is_file()]
+    assert written and all(KEY.encode() not in p.read_bytes() for p in written)
+    config = json.loads((out / "mathverse.json").read_text())["config"]
+    assert config["judge"] == {"base_url": server.base_url, "model": "judge-model", "max_retries": 3}
+
+
+def test_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOISYROLLOUT_JUDGE_BASE_URL", raising=False)
+    assert Judge.from_env() is None
+    monkeypatch.setenv("NOISYROLLOUT_JUDGE_BASE_URL", "http://127.0.0.1:1/v1/")
+    monkeypatch.delenv("NOISYROLLOUT_JUDGE_MODEL", raising=False)
+    with pytest.raises(ConfigError, match="MODEL"):
+        Judge.from_env()
+    monkeypatch.setenv("NOISYROLLOUT_JUDGE_MODEL", "m")
+    judge = Judge.from_env(cache_dir=None)
+    assert judge is not None and judge.base_url == "http://127.0.0.1:1/v1" and judge.api_key is None
