@@ -19,14 +19,14 @@ SetOpt = typer.Option(None, "--set", "-S", help="Override a parameter, e.g. -S t
 RecipeOpt = typer.Option(None, "--recipe", help="A YAML file deep-merged over params.yaml (e.g. recipes/gpu-7b.yaml).")
 
 
-def _run(stage: str, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path]) -> None:
+def _run(stage: str, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path], **kwargs) -> None:
     from noisyrollout import stages
     from noisyrollout.config import load_params
     from noisyrollout.errors import NoisyRolloutError
 
     try:
         params = load_params(params_path, overrides, recipe)
-        getattr(stages, stage)(params)
+        getattr(stages, stage)(params, **kwargs)
     except NoisyRolloutError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
@@ -51,6 +51,32 @@ def run_all(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe
     """All stages in order: prepare, build-model, sft, train, report."""
     for stage in ("prepare", "build_model", "sft", "train", "report"):
         _run(stage, params, set_, recipe)
+
+
+@app.command("eval")
+def eval_command(
+    model: Optional[Path] = typer.Option(None, help="Checkpoint folder (HF format). Default: eval.model, else the RL policy."),
+    data_dir: Optional[Path] = typer.Option(None, help="The authors' eval data unpacked (geometry3k/, wemath/, mathvista/, ...)."),
+    datasets: Optional[str] = typer.Option(None, help="Comma list: geo3k,wemath,mathvista,mathverse,mathvision,hallubench,"
+                                                      "embedded_test,embedded_ood; or `all` (every one found)."),
+    output_dir: Optional[Path] = typer.Option(None, help="Where <benchmark>.json, summary.json/.md/.png go."),
+    predictions_from: Optional[Path] = typer.Option(None, help="Re-grade the predictions saved in this output dir; no model is loaded."),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
+    top_p: Optional[float] = typer.Option(None),
+    max_new_tokens: Optional[int] = typer.Option(None),
+    min_pixels: Optional[int] = typer.Option(None),
+    max_pixels: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    limit: Optional[int] = typer.Option(None, help="Only the first N samples of each benchmark."),
+    params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt,
+) -> None:
+    """Score a checkpoint on the benchmarks (rule grading; optional OpenAI-compatible judge from
+    NOISYROLLOUT_JUDGE_BASE_URL / _MODEL / _API_KEY). Flags override the `eval` section of params.yaml."""
+    flags = {"model": model, "data_dir": data_dir, "datasets": datasets, "output_dir": output_dir,
+             "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "min_pixels": min_pixels,
+             "max_pixels": max_pixels, "batch_size": batch_size, "limit": limit}
+    overrides = list(set_ or []) + [f"eval.{k}={v}" for k, v in flags.items() if v is not None]
+    _run("evaluate", params, overrides, recipe, predictions_from=predictions_from)
 
 
 @app.command("params")

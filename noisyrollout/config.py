@@ -69,11 +69,14 @@ class ModelConfig(Section):
 
 class SFTConfig(Section):
     enabled: bool = Field(True, description="Run the SFT warm start (the role of the Instruct checkpoint).")
-    steps: int = Field(150, ge=0, description="Optimizer steps.")
+    steps: int = Field(250, ge=0, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (linear warm-up, cosine decay).")
     warmup_steps: int = Field(10, ge=0, description="Warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    noise_prob: float = Field(0.0, ge=0, le=1, description="Fraction of SFT images given gaussian noise (robustness, "
+                              "as a pretrained model has; 0 = clean SFT).")
+    noise_max_step: int = Field(0, ge=0, le=999, description="Noisy SFT images use a noise step drawn from [0, this].")
     output_dir: Path = Field(Path("runs/embedded/sft"), description="Where the warm-started policy is saved.")
 
 
@@ -120,9 +123,18 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    batch_size: int = Field(128, ge=1, description="Prompts per generation batch in validation.")
-    max_new_tokens: int = Field(24, ge=1, description="Longest validation response, in tokens (greedy).")
+    batch_size: int = Field(128, ge=1, description="Prompts per generation batch (validation and `eval`).")
+    max_new_tokens: int = Field(24, ge=1, description="Longest response, in tokens (authors' eval: 2048).")
     val_limit: int | None = Field(None, description="Use at most this many validation examples (None = all).")
+    model: Path | None = Field(None, description="Checkpoint for `eval` (None = the RL policy, <train.output_dir>/model).")
+    data_dir: Path | None = Field(None, description="The authors' eval_data.zip unpacked (geometry3k/, wemath/, ...).")
+    datasets: str = Field("embedded_test,embedded_ood", description="Comma list of benchmarks, or `all` (every one found).")
+    output_dir: Path = Field(Path("runs/embedded/eval"), description="Where `eval` writes <benchmark>.json and the summary.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding (the authors' setting).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold when temperature > 0.")
+    min_pixels: int | None = Field(None, description="Resize eval images to at least this many pixels (authors: 262144).")
+    max_pixels: int | None = Field(None, description="Resize eval images to at most this many pixels (authors: 1000000).")
+    limit: int | None = Field(None, description="Evaluate only the first N samples of each benchmark.")
 
 
 class Params(Section):

@@ -116,10 +116,8 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
     from noisyrollout.train.loop import train_rl
 
     set_threads(params)
-    init = policy_init_dir(params)
-    if not (init / "config.json").exists() and not params.model.name_or_path.count("/") == 1:
-        raise NoisyRolloutError(f"{init}: no policy to start from; run the previous stage first")
     examples = load_records(params.data.train, params.data.train_split, params)
+    init = policy_init_dir(params)
     result = train_rl(params, examples, init, log=log)
     val = _validate_model(result.model_dir, params, "rl val")
     summary = {"val": val, "steps": len(result.metrics)}
@@ -141,4 +139,34 @@ def report(params: Params, log: Log = print) -> dict[str, Any]:
     (rl_dir / "report.md").write_text(table + "\n")
     plot_training(rl_dir / "metrics.jsonl", rl_dir / "training.png")
     log(f"report: {rl_dir / 'report.md'}, {rl_dir / 'training.png'}")
+    return summary
+
+
+def evaluate(params: Params, log: Log = print, predictions_from: Path | None = None) -> dict[str, Any]:
+    """Benchmark a checkpoint (`eval/`): the six paper benchmarks found under `eval.data_dir` and the embedded
+    test / out-of-domain splits. With `predictions_from`, re-grade saved predictions without a model."""
+    from eval.judge import Judge
+    from eval.report import render_markdown
+    from eval.runner import regrade, run_eval
+    from noisyrollout.rollout.engine import SamplingParams
+    from noisyrollout.rollout.hf_engine import HFEngine
+
+    cfg = params.eval
+    judge = Judge.from_env()
+    if predictions_from is not None:
+        summary = regrade(Path(predictions_from), Path(cfg.output_dir), judge=judge)
+    else:
+        set_threads(params)
+        model_dir = Path(cfg.model) if cfg.model is not None else Path(params.train.output_dir) / "model"
+        if not (model_dir / "config.json").exists():
+            raise NoisyRolloutError(f"{model_dir}: no model to evaluate (train first, or set eval.model / --model)")
+        engine = HFEngine.from_pretrained(model_dir, system_prompt=params.model.system_prompt,
+                                          batch_size=cfg.batch_size, dtype=params.model.dtype)
+        sampling = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+        summary = run_eval(engine, data_dir=cfg.data_dir, corpus_dir=Path(params.data.corpus_dir), datasets=cfg.datasets,
+                           output_dir=Path(cfg.output_dir), sampling=sampling, judge=judge, limit=cfg.limit,
+                           batch_size=cfg.batch_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                           config={"model": str(model_dir), "system_prompt": params.model.system_prompt})
+    log(render_markdown(summary))
+    log(f"eval: results in {cfg.output_dir}")
     return summary

@@ -7,14 +7,29 @@ from typing import Any
 
 import torch
 
+from noisyrollout.errors import NoisyRolloutError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(loader: Any, path: str | Path, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NoisyRolloutError(f"{path}: cannot load a model/processor from here ({first})") from None
 
 
 def load_processor(path: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
     from transformers import AutoProcessor
 
-    kwargs = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    processor = AutoProcessor.from_pretrained(str(path), **kwargs)
+    processor = _load(AutoProcessor, path)
+    image_processor = processor.image_processor
+    if min_pixels is not None or max_pixels is not None:  # Qwen2-VL processors: size = pixel-count bounds
+        size = dict(image_processor.size)
+        size["shortest_edge"] = min_pixels if min_pixels is not None else size["shortest_edge"]
+        size["longest_edge"] = max_pixels if max_pixels is not None else size["longest_edge"]
+        image_processor.size = size
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -22,7 +37,7 @@ def load_processor(path: str | Path, *, min_pixels: int | None = None, max_pixel
 def load_model(path: str | Path, *, dtype: str = "float32") -> Any:
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(str(path), dtype=DTYPES[dtype])
+    return _load(AutoModelForImageTextToText, path, dtype=DTYPES[dtype])
 
 
 def vision_tower(model: Any) -> torch.nn.Module:

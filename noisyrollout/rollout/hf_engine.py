@@ -60,6 +60,9 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
+        if params.temperature <= 0 and params.n > 1:  # greedy: n identical answers, decode once
+            once = self.generate(prompts, SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens))
+            return [Generation(token_ids=g.token_ids * params.n, texts=g.texts * params.n) for g in once]
         out: list[Generation] = []
         per_call = max(1, self.batch_size // max(params.n, 1))
         for start in range(0, len(prompts), per_call):

@@ -10,8 +10,10 @@ import random
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from noisyrollout.algo.augment import distort
 from noisyrollout.config import Params
 from noisyrollout.train.optim import TorchOptimizer
 from noisyrollout.train.scoring import encode_prompts, response_logprobs
@@ -33,6 +35,14 @@ def tokenize_targets(tokenizer: Any, texts: Sequence[str], eos_id: int) -> tuple
     return ids, mask
 
 
+def augment(image: Image.Image, prob: float, max_step: int, rng: random.Random,
+            generator: torch.Generator) -> Image.Image:
+    """With probability `prob`, gaussian noise at a step drawn uniformly from [0, max_step]."""
+    if prob <= 0 or max_step <= 0 or rng.random() >= prob:
+        return image
+    return distort(image, "gaussian", rng.randint(0, max_step), 1.0, generator)
+
+
 def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params, *, progress: bool = True) -> list[float]:
     """Train `model` in place for `params.sft.steps`; returns the per-step losses."""
     cfg = params.sft
@@ -44,6 +54,7 @@ def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params
     eos_id = model.generation_config.eos_token_id
     eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id
     rng = random.Random(params.seed)
+    generator = torch.Generator().manual_seed(params.seed)
     order: list[int] = []
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="sft", disable=not progress)
@@ -52,8 +63,8 @@ def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params
             order += rng.sample(range(len(examples)), len(examples))
         batch = [examples[i] for i in order[:cfg.batch_size]]
         del order[:cfg.batch_size]
-        prompts = encode_prompts(processor, [b["image"] for b in batch], [b["problem"] for b in batch],
-                                 params.model.system_prompt)
+        images = [augment(b["image"], cfg.noise_prob, cfg.noise_max_step, rng, generator) for b in batch]
+        prompts = encode_prompts(processor, images, [b["problem"] for b in batch], params.model.system_prompt)
         ids, mask = tokenize_targets(tokenizer, [target_text(b) for b in batch], eos_id)
         logp, _ = response_logprobs(model, prompts, list(range(len(batch))), ids, mask, pad_id=tokenizer.pad_token_id)
         loss = -logp.sum() / mask.sum()

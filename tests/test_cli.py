@@ -1,0 +1,85 @@
+"""The command line as a user meets it: the whole embedded pipeline at toy sizes, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from noisyrollout.cli import app
+
+TOY = [
+    "data.sizes={train: 48, val: 24, test: 24, ood: 24}", "model.tiny.vocab_size=400",
+    "sft.steps=4", "sft.batch_size=8", "train.steps=2", "train.prompts_per_step=2",
+    "rollout.n_clean=2", "rollout.n_noisy=2", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
+]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def with_overrides(*args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return [*args, "--params", "params.yaml", *[x for o in (*TOY, *extra) for x in ("-S", o)]]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
+    return tmp_path
+
+
+def test_embedded_pipeline_end_to_end(workdir):
+    result = invoke(*with_overrides("run"))
+    assert result.exit_code == 0, result.output
+    assert "| val accuracy (clean images) |" in result.output
+    rl = workdir / "runs/embedded/rl"
+    assert (rl / "model/config.json").exists() and (rl / "training.png").stat().st_size > 1000
+    metrics = [json.loads(line) for line in (rl / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1] and metrics[0]["alpha"] == pytest.approx(0.2, rel=1e-3)
+    report = json.loads((rl / "report.json").read_text())
+    assert set(report) >= {"sft", "rl", "val_accuracy_gain"}
+
+    out = invoke(*with_overrides("eval"))
+    assert out.exit_code == 0, out.output
+    summary = json.loads((workdir / "runs/embedded/eval/summary.json").read_text())
+    assert "embedded_test" in json.dumps(summary) and (workdir / "runs/embedded/eval/embedded_ood.json").exists()
+    again = invoke(*with_overrides("eval", "--predictions-from", "runs/embedded/eval", "--output-dir", "regraded"))
+    assert again.exit_code == 0, again.output
+    assert json.loads((workdir / "regraded/embedded_test.json").read_text())["metrics"] == \
+        json.loads((workdir / "runs/embedded/eval/embedded_test.json").read_text())["metrics"]
+
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    err = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1, result.output
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_bad_training_rows_give_one_line_errors(workdir):
+    (workdir / "img.png").write_bytes(b"not a png at all")
+    __import__("PIL.Image").Image.new("RGB", (56, 56), "white").save(workdir / "ok.png")
+    cases = {
+        "no_image.jsonl": ('{"images": [], "problem": "<image>q", "answer": "1"}', "row 0"),
+        "empty_answer.jsonl": ('{"images": ["ok.png"], "problem": "<image>q", "answer": " "}', "row 0"),
+        "unreadable.jsonl": ('{"images": ["img.png"], "problem": "<image>q", "answer": "1"}', "img.png"),
+        "missing.jsonl": ('{"images": ["img.png"], "problem": "<image>q"}', "answer"),
+    }
+    for name, (line, needle) in cases.items():
+        (workdir / name).write_text(line + "\n")
+        result = invoke("train", "--params", "params.yaml", "-S", f"data.train={name}", "-S", "sft.enabled=false",
+                        "-S", "model.name_or_path=nowhere")
+        _assert_one_line_error(result, name, needle)
+
+
+def test_bad_parameters_give_one_line_errors(workdir):
+    _assert_one_line_error(invoke("prepare", "--params", "params.yaml", "-S", "train.nope=1"), "train.nope")
+    _assert_one_line_error(invoke("prepare", "--params", "params.yaml", "-S", "rollout.n_clean=-1"), "rollout.n_clean")
+    _assert_one_line_error(invoke("prepare", "--params", "missing.yaml"), "missing.yaml")
+    _assert_one_line_error(invoke("sft", "--params", "params.yaml", "-S", "model.name_or_path=nowhere"), "nowhere")

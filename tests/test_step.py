@@ -1,0 +1,92 @@
+"""One NoisyRollout step on the real tiny model: the update conditions on the CLEAN image."""
+
+from __future__ import annotations
+
+import torch
+
+from noisyrollout.algo.augment import distort
+from noisyrollout.config import Params
+from noisyrollout.models.load import load_model, load_processor, vision_tower
+from noisyrollout.rollout.engine import Prompt, SamplingParams
+from noisyrollout.rollout.hf_engine import HFEngine
+from noisyrollout.stages import load_records
+from noisyrollout.train.optim import TorchOptimizer
+from noisyrollout.train.scoring import build_sequences, encode_prompts, response_logprobs
+from noisyrollout.train.step import PromptBatch, noisyrollout_step
+
+
+def _setup(tiny_model_dir, corpus_dir, **rollout):
+    params = Params.model_validate({
+        "data": {"train": str(corpus_dir)},
+        "rollout": {"n_clean": 2, "n_noisy": 2, "max_new_tokens": 8, **rollout},
+        "noise": {"alpha0": 600, "anneal": "none"},
+        "train": {"prompts_per_step": 3, "lr": 1e-3},
+    })
+    processor = load_processor(tiny_model_dir)
+    model = load_model(tiny_model_dir).train()
+    vision_tower(model).requires_grad_(False)
+    engine = HFEngine(model, processor, system_prompt=params.model.system_prompt, batch_size=64)
+    records = load_records(str(corpus_dir), "train", params, limit=3)
+    batch = PromptBatch(images=[r["image"] for r in records], problems=[r["problem"] for r in records],
+                        answers=[r["answer"] for r in records])
+    optimizer = TorchOptimizer(model.parameters(), lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=1,
+                               max_grad_norm=1.0)
+    return params, processor, model, engine, batch, optimizer
+
+
+def test_old_logprobs_are_conditioned_on_the_clean_image(tiny_model_dir, corpus_dir):
+    params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    metrics, rollouts, old_logp = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine,
+                                                    optimizer=optimizer, params=params,
+                                                    generator=torch.Generator().manual_seed(0))
+    assert rollouts.is_noisy.sum().item() == 3 * 2 and (~rollouts.is_noisy).sum().item() == 3 * 2
+    assert rollouts.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]   # clean + noisy in one group
+    # Recompute with the weights the step used, from the clean and from the distorted images.
+    model.load_state_dict(snapshot)
+    pad = processor.tokenizer.pad_token_id
+    index = rollouts.prompt_index.tolist()
+    clean = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
+    noisy_images = [distort(img, "gaussian", 600, 1.0, torch.Generator().manual_seed(1)) for img in batch.images]
+    noisy = encode_prompts(processor, noisy_images, batch.problems, params.model.system_prompt)
+    with torch.no_grad():
+        from_clean, _ = response_logprobs(model, clean, index, rollouts.response_ids, rollouts.response_mask, pad_id=pad)
+        from_noisy, _ = response_logprobs(model, noisy, index, rollouts.response_ids, rollouts.response_mask, pad_id=pad)
+    rows = rollouts.is_noisy
+    assert torch.allclose(old_logp, from_clean, atol=1e-6)
+    assert not torch.allclose(old_logp[rows], from_noisy[rows], atol=1e-3)
+    assert metrics.alpha == 600 and metrics.reward_clean == metrics.reward_clean   # not nan
+
+
+def test_n_noisy_zero_is_vanilla_grpo(tiny_model_dir, corpus_dir):
+    params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir, n_clean=4, n_noisy=0)
+    metrics, rollouts, _ = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine,
+                                             optimizer=optimizer, params=params,
+                                             generator=torch.Generator().manual_seed(0))
+    assert not rollouts.is_noisy.any() and len(rollouts.texts) == 12
+    assert metrics.reward_noisy != metrics.reward_noisy   # nan: no noisy rollouts
+
+
+def test_generate_logprobs_match_recomputed_logprobs(tiny_model_dir, corpus_dir):
+    """Left-padded prompts + right-padded responses reproduce generate's own token log-probs."""
+    params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    model.eval()
+    prompts = [Prompt(img, q) for img, q in zip(batch.images, batch.problems)]
+    gens = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=6))
+    ids = [g.token_ids[0] for g in gens]
+    width = max(len(r) for r in ids)
+    response = torch.full((len(ids), width), processor.tokenizer.pad_token_id)
+    mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    for i, r in enumerate(ids):
+        response[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    enc = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, enc, [0, 1, 2], response, mask, pad_id=processor.tokenizer.pad_token_id)
+        # greedy tokens are each position's argmax: compare with the full-distribution maximum
+        inputs = build_sequences(
+            enc, [0, 1, 2], response, mask, pad_id=processor.tokenizer.pad_token_id,
+            image_token_id=model.config.image_token_id)
+        logits = model(**inputs, use_cache=False).logits[:, -width - 1:-1].float()
+    assert torch.equal(logits.argmax(-1)[mask], response[mask])
+    assert torch.allclose(logp[mask], logits.log_softmax(-1).max(-1).values[mask], atol=1e-5)
