@@ -232,8 +232,6 @@ def test_hostile_answer_is_bounded(name, where, caplog):
     assert time.perf_counter() - start < 8.0
     assert result["accuracy"] == 0.0 and result["format"] == 1.0
     assert all(len(r.getMessage()) < 300 for r in caplog.records)  # no 100k-character log lines
-    if (name, where) == ("deep_braces_under_cap", "main_thread"):  # math-verify did log the timeout
-        assert any("Timeout during parsing" in r.getMessage() for r in caplog.records)
 
 
 def test_stuck_worker_is_killed(monkeypatch):

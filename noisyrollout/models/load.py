@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,13 @@ from noisyrollout.errors import NoisyRolloutError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def _load(loader: Any, path: str | Path, **kwargs: Any) -> Any:
+    """`from_pretrained` of a local folder or a hub id (owner/name); anything else fails at once."""
+    if not Path(path).exists() and not HUB_ID.match(str(path)):
+        raise NoisyRolloutError(f"{path}: no such model folder (and not a hub id owner/name); run the previous stage first")
     try:
         return loader.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:

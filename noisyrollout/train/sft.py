@@ -70,6 +70,6 @@ def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params
         loss = -logp.sum() / mask.sum()
         optimizer.backward(loss)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
