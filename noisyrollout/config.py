@@ -69,7 +69,7 @@ class ModelConfig(Section):
 
 class SFTConfig(Section):
     enabled: bool = Field(True, description="Run the SFT warm start (the role of the Instruct checkpoint).")
-    steps: int = Field(250, ge=0, description="Optimizer steps.")
+    steps: int = Field(320, ge=0, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (linear warm-up, cosine decay).")
     warmup_steps: int = Field(10, ge=0, description="Warm-up steps.")
@@ -89,7 +89,8 @@ class NoiseConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf"] = Field("hf", description="Rollout engine: `hf` (transformers generate).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: `hf` (transformers generate, CPU) or "
+                                          "`vllm` (GPU; pip install '.[gpu]'; weights synced after every update).")
     n_clean: int = Field(4, ge=0, description="Rollouts per prompt on the clean image.")
     n_noisy: int = Field(4, ge=0, description="Rollouts per prompt on the distorted image (0 = vanilla GRPO).")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
@@ -122,6 +123,28 @@ class TrainConfig(Section):
     log_every: int = Field(1, ge=1, description="Print one line every this many steps.")
 
 
+class ClusterConfig(Section):
+    trainer: Literal["ray", "local"] = Field("ray", description="`ray`: DeepSpeed learners as Ray actors; `local`: one process, no Ray/DeepSpeed.")
+    address: str | None = Field(None, description="Ray cluster: null starts a local one; `auto` joins a running cluster; or ray://host:port.")
+    num_learners: int = Field(2, ge=1, description="Learner actors; each takes whole prompts (prompts_per_step / num_learners).")
+    cpus_per_learner: int = Field(1, ge=1, description="CPUs reserved per learner (also its torch thread count).")
+    gpus_per_learner: float = Field(0, ge=0, description="GPUs per learner (0 on CPU).")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage of the learners.")
+    dashboard: bool = Field(False, description="Start the Ray dashboard (bound to 127.0.0.1) with a local cluster.")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(20, ge=0, description="Save a checkpoint every this many RL steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint; `never`; or a checkpoint folder.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="Log params, per-step metrics, plots and the final model to MLflow.")
+    experiment: str = Field("noisyrollout", description="MLflow experiment name.")
+    artifact_root: Path = Field(Path("mlartifacts"), description="Local folder for MLflow artifacts (made absolute).")
+
+
 class EvalConfig(Section):
     batch_size: int = Field(128, ge=1, description="Prompts per generation batch (validation and `eval`).")
     max_new_tokens: int = Field(24, ge=1, description="Longest response, in tokens (authors' eval: 2048).")
@@ -147,6 +170,9 @@ class Params(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

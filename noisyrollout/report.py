@@ -40,28 +40,9 @@ def before_after(sft_val: dict, rl_val: dict, metrics_path: Path) -> tuple[str, 
 
 
 def plot_training(metrics_path: Path, out_png: Path) -> Path:
-    """Reward on clean vs noisy rollouts, accuracy and alpha_t per step, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Reward on clean vs noisy rollouts, accuracy and alpha_t per step of a metrics.jsonl file, as one PNG
+    (drawn by `noisyrollout.tracking.plot_metrics`)."""
+    from noisyrollout.tracking import plot_metrics
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, [r["reward_clean"] for r in rows], label="clean rollouts")
-    axes[0].plot(steps, [r["reward_noisy"] for r in rows], label="noisy rollouts")
-    axes[0].set_title("reward")
-    axes[0].legend()
-    axes[1].plot(steps, [r["accuracy"] for r in rows], color="tab:green")
-    axes[1].set_title("rollout accuracy")
-    axes[2].plot(steps, [r["alpha"] for r in rows], color="tab:red")
-    axes[2].set_title("alpha_t (distortion strength)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return plot_metrics(rows, out_png)

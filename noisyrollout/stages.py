@@ -24,18 +24,9 @@ def set_threads(params: Params) -> None:
 
 
 def load_records(source: str, split: str, params: Params, limit: int | None = None) -> list[dict]:
-    """Examples as plain dicts with one RGB `image` fitted to [min_pixels, max_pixels]."""
-    from noisyrollout.data.loaders import fit_pixels, load_examples
+    from noisyrollout.data.loaders import load_records as load
 
-    ds = load_examples(source, split=split)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    records = []
-    for row in ds:
-        record = {k: v for k, v in row.items() if k != "images"}
-        record["image"] = fit_pixels(row["images"][0], params.data.min_pixels, params.data.max_pixels)
-        records.append(record)
-    return records
+    return load(source, split, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels, limit=limit)
 
 
 def prepare(params: Params, log: Log = print) -> Path:
@@ -113,12 +104,27 @@ def policy_init_dir(params: Params) -> Path:
 
 def train(params: Params, log: Log = print) -> dict[str, Any]:
     """NoisyRollout RL from the SFT policy; saves to `train.output_dir` and validates."""
-    from noisyrollout.train.loop import train_rl
-
     set_threads(params)
-    examples = load_records(params.data.train, params.data.train_split, params)
     init = policy_init_dir(params)
-    result = train_rl(params, examples, init, log=log)
+    if params.rollout.engine == "vllm":
+        if params.cluster.trainer != "ray":
+            raise NoisyRolloutError("rollout.engine=vllm runs inside the Ray learners: set cluster.trainer=ray")
+        from noisyrollout.rollout.vllm_engine import require_vllm
+
+        require_vllm()  # fail here, in one line, before any cluster starts
+    if params.cluster.trainer == "ray":
+        from noisyrollout.data.loaders import load_examples
+        from noisyrollout.models.load import require_model
+        from noisyrollout.train.launcher import train_distributed
+
+        load_examples(params.data.train, split=params.data.train_split)  # bad rows fail here, before any cluster
+        require_model(init)
+        result = train_distributed(params, init, log=log)
+    else:
+        from noisyrollout.train.loop import train_rl
+
+        examples = load_records(params.data.train, params.data.train_split, params)
+        result = train_rl(params, examples, init, log=log)
     val = _validate_model(result.model_dir, params, "rl val")
     summary = {"val": val, "steps": len(result.metrics)}
     (Path(params.train.output_dir) / "val.json").write_text(json.dumps(summary, indent=2))

@@ -9,7 +9,7 @@ from noisyrollout.config import Params
 from noisyrollout.models.load import load_model, load_processor, vision_tower
 from noisyrollout.rollout.engine import Prompt, SamplingParams
 from noisyrollout.rollout.hf_engine import HFEngine
-from noisyrollout.stages import load_records
+from noisyrollout.data.loaders import load_records
 from noisyrollout.train.optim import TorchOptimizer
 from noisyrollout.train.scoring import build_sequences, encode_prompts, response_logprobs
 from noisyrollout.train.step import PromptBatch, noisyrollout_step
@@ -26,7 +26,7 @@ def _setup(tiny_model_dir, corpus_dir, **rollout):
     model = load_model(tiny_model_dir).train()
     vision_tower(model).requires_grad_(False)
     engine = HFEngine(model, processor, system_prompt=params.model.system_prompt, batch_size=64)
-    records = load_records(str(corpus_dir), "train", params, limit=3)
+    records = load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136, limit=3)
     batch = PromptBatch(images=[r["image"] for r in records], problems=[r["problem"] for r in records],
                         answers=[r["answer"] for r in records])
     optimizer = TorchOptimizer(model.parameters(), lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=1,
@@ -37,9 +37,9 @@ def _setup(tiny_model_dir, corpus_dir, **rollout):
 def test_old_logprobs_are_conditioned_on_the_clean_image(tiny_model_dir, corpus_dir):
     params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics, rollouts, old_logp = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine,
-                                                    optimizer=optimizer, params=params,
-                                                    generator=torch.Generator().manual_seed(0))
+    result = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine,
+                               optimizer=optimizer, params=params, generator=torch.Generator().manual_seed(0))
+    metrics, rollouts, old_logp = result.metrics, result.rollouts, result.old_logp
     assert rollouts.is_noisy.sum().item() == 3 * 2 and (~rollouts.is_noisy).sum().item() == 3 * 2
     assert rollouts.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]   # clean + noisy in one group
     # Recompute with the weights the step used, from the clean and from the distorted images.
@@ -60,9 +60,9 @@ def test_old_logprobs_are_conditioned_on_the_clean_image(tiny_model_dir, corpus_
 
 def test_n_noisy_zero_is_vanilla_grpo(tiny_model_dir, corpus_dir):
     params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir, n_clean=4, n_noisy=0)
-    metrics, rollouts, _ = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine,
-                                             optimizer=optimizer, params=params,
-                                             generator=torch.Generator().manual_seed(0))
+    result = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine,
+                               optimizer=optimizer, params=params, generator=torch.Generator().manual_seed(0))
+    metrics, rollouts = result.metrics, result.rollouts
     assert not rollouts.is_noisy.any() and len(rollouts.texts) == 12
     assert metrics.reward_noisy != metrics.reward_noisy   # nan: no noisy rollouts
 
@@ -90,3 +90,31 @@ def test_generate_logprobs_match_recomputed_logprobs(tiny_model_dir, corpus_dir)
         logits = model(**inputs, use_cache=False).logits[:, -width - 1:-1].float()
     assert torch.equal(logits.argmax(-1)[mask], response[mask])
     assert torch.allclose(logp[mask], logits.log_softmax(-1).max(-1).values[mask], atol=1e-5)
+
+
+def test_vision_feature_cache_gives_the_uncached_logprobs(tiny_model_dir, corpus_dir):
+    from noisyrollout.train.scoring import cache_image_features
+
+    params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    model.eval()
+    gens = engine.generate([Prompt(img, q) for img, q in zip(batch.images, batch.problems)],
+                           SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
+    rows = [ids for g in gens for ids in g.token_ids]
+    index = [p for p in range(3) for _ in range(2)]
+    width = max(len(r) for r in rows)
+    response = torch.full((len(rows), width), processor.tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        response[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = True
+    pad = processor.tokenizer.pad_token_id
+    plain = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
+    cached = cache_image_features(model, encode_prompts(processor, batch.images, batch.problems,
+                                                        params.model.system_prompt))
+    assert cached.features is not None and len(cached.features) == 3
+    with torch.no_grad():
+        a, _ = response_logprobs(model, plain, index, response, mask, pad_id=pad)
+        b, _ = response_logprobs(model, cached, index, response, mask, pad_id=pad)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert "pixel_values" not in build_sequences(cached, index, response, mask, pad_id=pad,
+                                                 image_token_id=model.config.image_token_id)

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from noisyrollout.errors import DataError
 
-__all__ = ["load_examples", "validate_examples", "fit_pixels", "parse_hub_spec", "REQUIRED_COLUMNS"]
+__all__ = ["load_examples", "load_records", "validate_examples", "fit_pixels", "parse_hub_spec", "REQUIRED_COLUMNS"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("images", "problem", "answer")
 _IMAGE_LIST = datasets.List(datasets.Image())
@@ -414,3 +414,17 @@ def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Im
         everything = pairs(iter(range(1, math.isqrt(max_pixels) + 1)))
         best = min(everything if best is None else [best, *everything], key=lambda p: key(*p))
     return image.resize(best, Image.Resampling.BICUBIC)
+
+
+def load_records(source: str, split: str | None, *, min_pixels: int, max_pixels: int,
+                 limit: int | None = None) -> list[dict]:
+    """Examples as plain dicts (all columns but `images`) with one RGB `image` fitted to [min_pixels, max_pixels]."""
+    ds = load_examples(source, split=split)
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    records = []
+    for row in ds:
+        record = {k: v for k, v in row.items() if k != "images"}
+        record["image"] = fit_pixels(row["images"][0], min_pixels, max_pixels)
+        records.append(record)
+    return records

@@ -16,10 +16,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _load(loader: Any, path: str | Path, **kwargs: Any) -> Any:
-    """`from_pretrained` of a local folder or a hub id (owner/name); anything else fails at once."""
+def require_model(path: str | Path) -> None:
+    """A local folder or a hub id (owner/name); anything else fails at once, before a download is tried."""
     if not Path(path).exists() and not HUB_ID.match(str(path)):
         raise NoisyRolloutError(f"{path}: no such model folder (and not a hub id owner/name); run the previous stage first")
+
+
+def _load(loader: Any, path: str | Path, **kwargs: Any) -> Any:
+    require_model(path)
     try:
         return loader.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as exc:

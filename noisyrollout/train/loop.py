@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,23 +20,22 @@ from noisyrollout.train.optim import TorchOptimizer
 from noisyrollout.train.step import PromptBatch, noisyrollout_step
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    return tuple(random.Random(seed * 1_000_003 + epoch).sample(range(n), n))
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The prompts of rollout batch `step`: a fresh shuffle every epoch, a pure function of the step so a resumed
+    run sees exactly the batches an uninterrupted one would."""
+    return [_epoch_order(seed, position // n, n)[position % n]
+            for position in range(step * batch_size, (step + 1) * batch_size)]
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def prompt_batches(examples: Sequence[dict], batch_size: int, seed: int) -> Iterator[PromptBatch]:
-    """Endless whole-prompt batches: a fresh shuffle every epoch, deterministic for `seed`."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            order += rng.sample(range(len(examples)), len(examples))
-        chosen = [examples[i] for i in order[:batch_size]]
-        del order[:batch_size]
-        yield PromptBatch(images=[e["image"] for e in chosen], problems=[e["problem"] for e in chosen],
-                          answers=[e["answer"] for e in chosen])
 
 
 @dataclass
@@ -63,13 +63,15 @@ def train_rl(params: Params, examples: Sequence[dict], init_dir: Path, *, progre
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
     metrics_log.path.unlink(missing_ok=True)
-    batches = prompt_batches(examples, cfg.prompts_per_step, params.seed)
     history: list[StepMetrics] = []
     bar = tqdm(range(cfg.steps), desc="rl", disable=not progress)
     for step in bar:
-        metrics, _, _ = noisyrollout_step(step, cfg.steps, next(batches), model=model, processor=processor,
+        chosen = [examples[i] for i in batch_indices(step, cfg.prompts_per_step, len(examples), params.seed)]
+        batch = PromptBatch(images=[e["image"] for e in chosen], problems=[e["problem"] for e in chosen],
+                            answers=[e["answer"] for e in chosen])
+        metrics = noisyrollout_step(step, cfg.steps, batch, model=model, processor=processor,
                                           engine=engine, optimizer=optimizer, params=params, generator=generator,
-                                          ref_model=ref_model)
+                                          ref_model=ref_model).metrics
         metrics_log.append(metrics)
         history.append(metrics)
         bar.set_postfix(clean=f"{metrics.reward_clean:.2f}", noisy=f"{metrics.reward_noisy:.2f}")

@@ -3,8 +3,45 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class RolloutScores:
+    """Per-response outcomes of one rollout batch (what learners send back to be merged exactly)."""
+
+    rewards: list[float]
+    accuracy: list[float]
+    formats: list[float]
+    is_noisy: list[bool]
+    lengths: list[int]
+
+    @staticmethod
+    def concat(parts: Sequence["RolloutScores"]) -> "RolloutScores":
+        return RolloutScores(*[sum((getattr(p, f.name) for p in parts), []) for f in fields(RolloutScores)])
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def reward_metrics(s: RolloutScores) -> dict[str, float]:
+    """The reward block of StepMetrics, clean and noisy rollouts separately."""
+    clean = [i for i, noisy in enumerate(s.is_noisy) if not noisy]
+    noisy = [i for i, n in enumerate(s.is_noisy) if n]
+    return {
+        "reward_mean": _mean(s.rewards),
+        "reward_clean": _mean([s.rewards[i] for i in clean]),
+        "reward_noisy": _mean([s.rewards[i] for i in noisy]),
+        "accuracy": _mean(s.accuracy),
+        "accuracy_clean": _mean([s.accuracy[i] for i in clean]),
+        "accuracy_noisy": _mean([s.accuracy[i] for i in noisy]),
+        "format_rate": _mean(s.formats),
+        "response_length": _mean([float(n) for n in s.lengths]),
+    }
 
 
 @dataclass
@@ -41,6 +78,18 @@ class StepMetrics:
         "time": ("time_generate", "time_reward", "time_logprob", "time_update", "time_step"),
     }
 
+    @staticmethod
+    def merge(parts: Sequence["StepMetrics"], scores: Sequence[RolloutScores]) -> "StepMetrics":
+        """One step's metrics from every learner's: rewards recomputed over all responses, loss statistics
+        averaged, times the slowest learner's (grad norm and lr are global already)."""
+        first = asdict(parts[0])
+        out = {**first, **reward_metrics(RolloutScores.concat(scores))}
+        for key in ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl"):
+            out[key] = _mean([getattr(p, key) for p in parts])
+        for key in StepMetrics.GROUPS["time"]:
+            out[key] = max(getattr(p, key) for p in parts)
+        return StepMetrics(**out)
+
     def to_dict(self) -> dict[str, float]:
         """Flat `group/name` keys, as logged (e.g. `reward/reward_clean`, `time/time_generate`)."""
         d = asdict(self)
@@ -64,6 +113,10 @@ class MetricsLog:
     def append(self, metrics: StepMetrics) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(asdict(metrics)) + "\n")
+
+    def rewrite(self, rows: Sequence[dict]) -> None:
+        """Replace the file with `rows` (a resumed run keeps exactly the steps its checkpoint holds)."""
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def read(self) -> list[dict]:
         if not self.path.exists():

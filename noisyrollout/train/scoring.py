@@ -24,6 +24,18 @@ class EncodedPrompts:
     input_ids: list[torch.Tensor]       # one unpadded 1-D tensor per prompt
     pixel_values: list[torch.Tensor]    # one (patches, dim) tensor per prompt
     image_grid_thw: torch.Tensor        # (n_prompts, 3)
+    features: list[torch.Tensor] | None = None   # cached vision-tower output per prompt (frozen tower only)
+
+
+def cache_image_features(model: Any, prompts: EncodedPrompts) -> EncodedPrompts:
+    """Run the (frozen) vision tower once per distinct image; every response of the prompt, and every pass
+    of the step (old log-probs, each update), then reuses the features instead of re-encoding the image."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.model.get_image_features(torch.cat(prompts.pixel_values).to(device),
+                                             prompts.image_grid_thw.to(device), return_dict=True)
+    prompts.features = [f.detach() for f in out.pooler_output]
+    return prompts
 
 
 def encode_prompts(processor: Any, images: Sequence[Image.Image], problems: Sequence[str],
@@ -38,7 +50,7 @@ def encode_prompts(processor: Any, images: Sequence[Image.Image], problems: Sequ
 
 
 def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
-                    response_mask: torch.Tensor, *, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+                    response_mask: torch.Tensor, *, pad_id: int, image_token_id: int) -> dict[str, Any]:
     """Model inputs for `[prompt_index[i] prompt | response i]`; responses start at column `prompt_width`."""
     width = max(len(prompts.input_ids[p]) for p in prompt_index)
     n = len(prompt_index)
@@ -50,13 +62,20 @@ def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], respon
         mask[row, width - len(seq):] = 1
     input_ids = torch.cat([ids, response_ids.masked_fill(~response_mask.bool(), pad_id)], dim=1)
     attention_mask = torch.cat([mask, response_mask.long()], dim=1)
-    return {
+    inputs: dict[str, Any] = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "mm_token_type_ids": (input_ids == image_token_id).int(),
-        "pixel_values": torch.cat([prompts.pixel_values[p] for p in prompt_index]),
         "image_grid_thw": prompts.image_grid_thw[list(prompt_index)],
     }
+    if prompts.features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=[prompts.features[p] for p in prompt_index])}
+    else:
+        inputs["pixel_values"] = torch.cat([prompts.pixel_values[p] for p in prompt_index])
+    return inputs
 
 
 def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
@@ -66,7 +85,7 @@ def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequenc
     inputs = build_sequences(prompts, prompt_index, response_ids, response_mask, pad_id=pad_id,
                              image_token_id=model.config.image_token_id)
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     length = response_ids.shape[1]
     logits = model(**inputs, use_cache=False).logits[:, -length - 1:-1, :].float()
     if temperature > 0 and temperature != 1.0:

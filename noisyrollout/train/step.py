@@ -14,7 +14,6 @@ whether they are local torch, DeepSpeed or vLLM.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -29,8 +28,8 @@ from noisyrollout.algo.reward import score_batch
 from noisyrollout.algo.schedule import anneal
 from noisyrollout.config import Params
 from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
-from noisyrollout.train.metrics import StepMetrics
-from noisyrollout.train.scoring import EncodedPrompts, encode_prompts, response_logprobs
+from noisyrollout.train.metrics import RolloutScores, StepMetrics, reward_metrics
+from noisyrollout.train.scoring import EncodedPrompts, cache_image_features, encode_prompts, response_logprobs
 
 
 @dataclass
@@ -76,14 +75,18 @@ def sample_rollouts(engine: Engine, batch: PromptBatch, noisy_images: Sequence[I
                     response_ids=response_ids, response_mask=response_mask, texts=[r[2] for r in rows])
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.float().mean()) if x.numel() else math.nan
+@dataclass
+class StepResult:
+    metrics: StepMetrics
+    scores: RolloutScores         # per-response outcomes, for merging across learners
+    rollouts: Rollouts
+    old_logp: torch.Tensor        # the log-probs the loss used as the rollout policy's (clean image)
 
 
 def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model: Any, processor: Any,
                       engine: Engine, optimizer: Any, params: Params, generator: torch.Generator,
-                      ref_model: Any | None = None) -> tuple[StepMetrics, Rollouts, torch.Tensor]:
-    """Run one rollout batch and its policy update(s). Returns metrics, rollouts and the old log-probs used."""
+                      ref_model: Any | None = None) -> StepResult:
+    """Run one rollout batch and its policy update(s)."""
     cfg, noise, roll = params.train, params.noise, params.rollout
     pad_id = processor.tokenizer.pad_token_id
     t0 = time.perf_counter()
@@ -104,13 +107,13 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     answers = [batch.answers[p] for p in rollouts.prompt_index.tolist()]
     scores = score_batch(rollouts.texts, answers, format_weight=cfg.format_weight, accuracy_only=cfg.accuracy_only)
     rewards = torch.tensor([s["overall"] for s in scores])
-    accuracy = torch.tensor([s["accuracy"] for s in scores])
-    formats = torch.tensor([s["format"] for s in scores])
     advantages = group_advantages(rewards, rollouts.prompt_index.tolist(), cfg.estimator)
     t_reward = time.perf_counter()
 
     # 5. Old (and reference) log-probs of EVERY response, conditioned on the CLEAN image.
     clean_prompts = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
+    if params.model.freeze_vision:
+        clean_prompts = cache_image_features(model, clean_prompts)   # encode each clean image once per step
     with torch.no_grad():
         old_logp, _ = response_logprobs(model, clean_prompts, rollouts.prompt_index.tolist(), rollouts.response_ids,
                                         rollouts.response_mask, pad_id=pad_id, temperature=roll.temperature)
@@ -125,17 +128,15 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     stats = _update(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params, pad_id)
     t_update = time.perf_counter()
 
-    noisy = rollouts.is_noisy
+    outcome = RolloutScores(rewards=rewards.tolist(), accuracy=[s["accuracy"] for s in scores],
+                            formats=[s["format"] for s in scores], is_noisy=rollouts.is_noisy.tolist(),
+                            lengths=rollouts.response_mask.sum(-1).tolist())
     metrics = StepMetrics(
-        step=step, alpha=noise.alpha0 * decay, decay=decay,
-        reward_mean=_mean(rewards), reward_clean=_mean(rewards[~noisy]), reward_noisy=_mean(rewards[noisy]),
-        accuracy=_mean(accuracy), accuracy_clean=_mean(accuracy[~noisy]), accuracy_noisy=_mean(accuracy[noisy]),
-        format_rate=_mean(formats), response_length=float(rollouts.response_mask.sum(-1).float().mean()),
-        **stats, lr=optimizer.lr,
+        step=step, alpha=noise.alpha0 * decay, decay=decay, **reward_metrics(outcome), **stats, lr=optimizer.lr,
         time_generate=t_gen - t0, time_reward=t_reward - t_gen, time_logprob=t_logp - t_reward,
         time_update=t_update - t_logp, time_step=t_update - t0,
     )
-    return metrics, rollouts, old_logp
+    return StepResult(metrics=metrics, scores=outcome, rollouts=rollouts, old_logp=old_logp)
 
 
 def _update(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts: Rollouts, old_logp: torch.Tensor,

@@ -1,0 +1,341 @@
+"""MLflow tracking for the trainer: one run per training, params, per-step metrics, artifacts, the model registry.
+
+Only the driver process uses this module, and nothing else in the package imports mlflow: mlflow is imported
+lazily inside the functions below (its import takes seconds).
+
+Backend: a sqlite store (`sqlite:///mlruns.db`, relative to the current directory, unless the environment
+variable MLFLOW_TRACKING_URI or the `tracking_uri` argument says otherwise). Artifacts go to an absolute local
+folder (default `<cwd>/mlartifacts`), set as the experiment's `artifact_location` when the experiment is
+created: with a sqlite store MLflow 3.17 would otherwise write them to `./mlruns` of whatever directory the
+process runs in.
+
+Browse with: `mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1` (from the directory that holds
+mlruns.db; artifacts are read from the absolute locations recorded in the store).
+
+All calls go through one `MlflowClient` bound to the run id: no global "active run" of the fluent API is ever
+left behind. `Tracker` is a context manager that ends the run FINISHED, or FAILED when the block raises (KILLED on
+KeyboardInterrupt); a run never finished explicitly is marked KILLED when the interpreter exits.
+
+Nothing from the environment is logged: no environment variables, and parameters whose name looks like a
+credential (token, secret, password, api key, ...) are dropped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import platform
+import re
+import socket
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"   # overridden by the MLFLOW_TRACKING_URI environment variable
+DEFAULT_ARTIFACT_DIR = "mlartifacts"           # <cwd>/mlartifacts unless artifact_root is given
+
+# MLflow's limits (mlflow/utils/validation.py): param values are truncated to 6000 characters, tag values to
+# 8000, keys are at most 250; a log_batch call takes at most 100 params/tags and 1000 metrics.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+_PARAMS_PER_BATCH = 100
+_METRICS_PER_BATCH = 1000
+
+# A name component (split on "." then into words) is secret-looking when one of its words is one of these...
+_SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "pwd", "passphrase", "apikey",
+                           "credential", "credentials", "auth", "authorization", "cookie", "bearer"})
+# ...or when it ends with the word "key" (api_key, access_key, private_key, hf_key, key), but not when "key" is in
+# the middle (num_key_value_heads stays). "tokens" (max_new_tokens) and "tokenizer" are not "token".
+_WORD_SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])")
+
+
+def tracking_uri() -> str:
+    """The MLflow tracking URI: MLFLOW_TRACKING_URI if set, else `sqlite:///mlruns.db` (relative to the cwd)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+_resolve_tracking_uri = tracking_uri   # Tracker's `tracking_uri` argument shadows the function's name
+
+
+def is_secret_key(name: str) -> bool:
+    """True when any component of a (dotted) parameter name looks like it holds a credential."""
+    for part in str(name).split("."):
+        words = [w.lower() for w in _WORD_SPLIT.split(part) if w]
+        if not words:
+            continue
+        if any(w in _SECRET_WORDS for w in words) or words[-1] == "key":
+            return True
+    return False
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings flattened to `section.key`; values `str()`-ed and truncated to MLflow's limit;
+    secret-looking names dropped."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if is_secret_key(name):
+            continue
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, name))
+            continue
+        if len(name) > MAX_KEY_LENGTH:
+            log.warning("tracking: parameter name longer than %d characters skipped: %s...", MAX_KEY_LENGTH,
+                        name[:60])
+            continue
+        out[name] = str(value)[:MAX_PARAM_VALUE_LENGTH]
+    return out
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (None for in-memory databases and other schemes)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _finite(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class Tracker:
+    """One MLflow run of an experiment (created, or resumed from `run_id`).
+
+    >>> with Tracker("noisyrollout-embedded", run_name="rl") as tr:      # doctest: +SKIP
+    ...     tr.log_params(cfg.model_dump()); tr.log_system_info()
+    ...     for m in steps: tr.log_metrics(m.to_dict(), step=m.step)
+    ...     tr.log_artifact_dir(out / "model", "model"); tr.register_model("noisyrollout-tiny")
+    """
+
+    run_id: str
+
+    def __init__(self, experiment: str, *, run_name: str | None = None, tracking_uri: str | None = None,
+                 artifact_root: Path | None = None, run_id: str | None = None) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import RunStatus
+
+        self.tracking_uri = tracking_uri or _resolve_tracking_uri()
+        db = _sqlite_path(self.tracking_uri)
+        if db is not None:
+            db.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        self.artifact_root = Path(artifact_root if artifact_root is not None else Path.cwd() / DEFAULT_ARTIFACT_DIR)
+        self.artifact_root = self.artifact_root.expanduser().resolve()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self._finished = False
+
+        if run_id is not None:
+            run = self.client.get_run(run_id)   # raises MlflowException (RESOURCE_DOES_NOT_EXIST) for a bad id
+            self.experiment_id = run.info.experiment_id
+            self.run_id = run.info.run_id
+            if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+                self.client.update_run(self.run_id, status="RUNNING")
+            self.resumed = True
+        else:
+            self.experiment_id = self._experiment_id(experiment)
+            run = self.client.create_run(self.experiment_id, run_name=run_name)
+            self.run_id = run.info.run_id
+            self.resumed = False
+        self.artifact_uri = run.info.artifact_uri
+        atexit.register(self._at_exit)
+
+    # -- experiment / run lifecycle --------------------------------------------------------------------
+
+    def _experiment_id(self, name: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            self.artifact_root.mkdir(parents=True, exist_ok=True)
+            try:
+                return self.client.create_experiment(name, artifact_location=self.artifact_root.as_uri())
+            except MlflowException as e:   # created concurrently by another process
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise e
+        if exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        if exp.artifact_location.rstrip("/") != self.artifact_root.as_uri().rstrip("/"):
+            log.warning("tracking: experiment %r already exists with artifact location %s (not %s); artifacts go "
+                        "there", name, exp.artifact_location, self.artifact_root)
+        return exp.experiment_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (FINISHED, FAILED or KILLED). A second call does nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        atexit.unregister(self._at_exit)
+        self.client.set_terminated(self.run_id, status=status)
+
+    def _at_exit(self) -> None:
+        try:
+            self.finish("KILLED")
+        except Exception:   # the interpreter is going down: never raise from here
+            pass
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+    # -- params, metrics, tags -------------------------------------------------------------------------
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nested dicts flattened to `section.key`, values `str()`-ed and truncated to 6000 characters,
+        secret-looking names (token, key, secret, password, ...) dropped.
+
+        MLflow params are immutable: on a resumed run, a param already logged with the same value is skipped, and
+        one logged with a different value is kept as it was (warning), its new value tagged `param_changed.<key>`.
+        """
+        from mlflow.entities import Param, RunTag
+
+        flat = flatten_params(params)
+        existing = self.client.get_run(self.run_id).data.params
+        new: list[Param] = []
+        changed: list[RunTag] = []
+        for k, v in flat.items():
+            if k not in existing:
+                new.append(Param(k, v))
+            elif existing[k] != v:
+                log.warning("tracking: param %s already logged as %r; new value %r kept as tag param_changed.%s",
+                            k, existing[k], v, k)
+                changed.append(RunTag(f"param_changed.{k}"[:MAX_KEY_LENGTH], v[:MAX_TAG_VALUE_LENGTH]))
+        for i in range(0, len(new), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=new[i:i + _PARAMS_PER_BATCH])
+        for i in range(0, len(changed), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=changed[i:i + _PARAMS_PER_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Metrics of one step. nan / inf / None / non-numbers are skipped (MLflow would store nan, and its
+        charts break on it; e.g. reward_noisy is nan when n_noisy = 0)."""
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(str(k), v, ts, int(step)) for k, raw in metrics.items() if (v := _finite(raw)) is not None]
+        for i in range(0, len(batch), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + _METRICS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(str(k)[:MAX_KEY_LENGTH], str(v)[:MAX_TAG_VALUE_LENGTH]) for k, v in tags.items()
+                 if not is_secret_key(str(k))]
+        for i in range(0, len(batch), _PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=batch[i:i + _PARAMS_PER_BATCH])
+
+    def log_system_info(self) -> None:
+        """Python / torch / transformers / mlflow versions, platform, CPU count and host name, as `system.*` tags
+        (tags, not params: a run resumed on another machine may update them). No environment variables."""
+        self.set_tags({
+            "system.python": platform.python_version(),
+            "system.python_implementation": platform.python_implementation(),
+            "system.platform": platform.platform(),
+            "system.torch": _package_version("torch"),
+            "system.transformers": _package_version("transformers"),
+            "system.mlflow": _package_version("mlflow"),
+            "system.noisyrollout": _package_version("noisyrollout"),
+            "system.cpu_count": os.cpu_count() or 0,
+            "system.hostname": socket.gethostname(),
+            "system.executable": sys.executable,
+        })
+
+    # -- artifacts and the registry ----------------------------------------------------------------------
+
+    def log_artifact_dir(self, path: Path, artifact_path: str) -> None:
+        """Every file under `path` (e.g. the final HF model folder) to `<run artifacts>/<artifact_path>/`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NotADirectoryError(f"not a folder: {path}")
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
+
+    def log_figure_png(self, path: Path, artifact_path: str = "plots") -> None:
+        """One image file (e.g. training.png) to `<run artifacts>/<artifact_path>/<name>`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def register_model(self, name: str, artifact_path: str = "model") -> str | None:
+        """A new version of registered model `name` (created if needed) whose source is
+        `runs:/<run_id>/<artifact_path>`. Returns the version ("1", "2", ...), or None (warning) when the run has no
+        artifacts under `artifact_path` to register."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        if not self.client.list_artifacts(self.run_id, artifact_path):
+            log.warning("tracking: run %s has no artifacts under %r: model %r not registered", self.run_id,
+                        artifact_path, name)
+            return None
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        mv = self.client.create_model_version(name, source=f"runs:/{self.run_id}/{artifact_path}",
+                                              run_id=self.run_id)
+        return str(mv.version)
+
+
+def plot_metrics(rows: Sequence[Mapping[str, float]], out_png: Path) -> Path:
+    """Reward on clean vs noisy rollouts, rollout accuracy and alpha_t per step, as one three-panel PNG.
+
+    `rows` are StepMetrics dicts (keys step, reward_clean, reward_noisy, accuracy, alpha); a missing key or a nan
+    value (reward_noisy when n_noisy = 0) leaves a gap in its curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def col(key: str) -> list[float]:
+        return [math.nan if (v := _finite(r.get(key))) is None else v for r in rows]
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    try:
+        axes[0].plot(steps, col("reward_clean"), label="clean rollouts")
+        axes[0].plot(steps, col("reward_noisy"), label="noisy rollouts")
+        axes[0].set_title("reward")
+        axes[0].legend()
+        axes[1].plot(steps, col("accuracy"), color="tab:green")
+        axes[1].set_title("rollout accuracy")
+        axes[2].plot(steps, col("alpha"), color="tab:red")
+        axes[2].set_title("alpha_t (distortion strength)")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out_png = Path(out_png)
+        out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=110)
+    finally:
+        plt.close(fig)
+    return out_png

@@ -1,0 +1,157 @@
+"""noisyrollout.tracking against a real MLflow 3.17 sqlite store (no mocks). One store for the module: its first
+migration takes seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from noisyrollout.tracking import (DEFAULT_TRACKING_URI, Tracker, flatten_params, is_secret_key, plot_metrics,
+                                   tracking_uri)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """A sqlite store and an absolute artifact root, migrated once for the module."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'db' / 'mlruns.db'}"
+    with Tracker("warmup", tracking_uri=uri, artifact_root=root / "artifacts"):
+        pass
+    return {"uri": uri, "artifacts": root / "artifacts", "client": MlflowClient(tracking_uri=uri)}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """An empty cwd, to check that nothing lands in ./mlruns (or ./mlflow.db)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return cwd
+
+
+def _rows(n: int = 4, nan_noisy: bool = False) -> list[dict]:
+    return [{"step": s, "reward_clean": 0.1 * s, "reward_noisy": math.nan if nan_noisy else 0.05 * s,
+             "accuracy": 0.2 + 0.1 * s, "alpha": 0.2 * (1 - s / n)} for s in range(n)]
+
+
+def test_secret_names_and_flattening():
+    assert is_secret_key("judge.api_key") and is_secret_key("hf_token") and is_secret_key("db.password")
+    assert is_secret_key("key") and is_secret_key("aws.secretAccessKey") and is_secret_key("auth.user")
+    assert not is_secret_key("model.tiny.num_key_value_heads")
+    assert not is_secret_key("rollout.max_new_tokens") and not is_secret_key("model.tokenizer_dir")
+    flat = flatten_params({"a": {"b": {"c": 1}, "api_key": "sk-x"}, "n": None, "lst": [1, 2], "long": "x" * 7000})
+    assert flat == {"a.b.c": "1", "n": "None", "lst": "[1, 2]", "long": "x" * 6000}
+
+
+def test_run_params_metrics_artifacts_registry(store, workdir, tmp_path):
+    import mlflow
+
+    client = store["client"]
+    model_dir = tmp_path / "hf_model"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    (model_dir / "sub" / "weights.bin").write_bytes(b"\0" * 64)
+    png = plot_metrics(_rows(), tmp_path / "training.png")
+
+    with Tracker("noisyrollout-test", run_name="rl", tracking_uri=store["uri"],
+                 artifact_root=store["artifacts"]) as tr:
+        tr.log_params({"train": {"lr": 1e-4, "steps": 3}, "model": {"tiny": {"num_key_value_heads": 2}},
+                       "judge": {"api_key": "sk-very-secret", "model": "m"}, "hf_token": "hf_secret", "seed": 0})
+        tr.log_params({"train": {"lr": 1e-4}})   # same value again: allowed
+        for step in range(3):
+            tr.log_metrics({"reward/reward_clean": 0.5 + step, "reward/reward_noisy": math.nan,
+                            "noise/alpha": math.inf, "losses/pg_loss": -0.1 * step}, step=step)
+        tr.log_system_info()
+        tr.log_artifact_dir(model_dir, "model")
+        tr.log_figure_png(png)
+        assert tr.register_model("noisyrollout-tiny-test") == "1"
+        assert tr.register_model("noisyrollout-tiny-test") == "2"
+        assert tr.register_model("noisyrollout-empty", artifact_path="nothing-here") is None
+
+    run = client.get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "rl"
+    assert run.data.params == {"train.lr": "0.0001", "train.steps": "3", "model.tiny.num_key_value_heads": "2",
+                               "judge.model": "m", "seed": "0"}
+    assert not any("secret" in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    assert {"system.python", "system.torch", "system.transformers", "system.cpu_count",
+            "system.hostname"} <= set(run.data.tags)
+    assert [(m.step, m.value) for m in client.get_metric_history(tr.run_id, "reward/reward_clean")] == \
+        [(0, 0.5), (1, 1.5), (2, 2.5)]
+    assert client.get_metric_history(tr.run_id, "reward/reward_noisy") == []   # nan skipped
+    assert client.get_metric_history(tr.run_id, "noise/alpha") == []           # inf skipped
+    assert "losses/pg_loss" in run.data.metrics
+
+    # artifacts: under the absolute artifact root, readable back through MLflow
+    assert run.info.artifact_uri == (store["artifacts"] / tr.run_id / "artifacts").as_uri()
+    on_disk = store["artifacts"] / tr.run_id / "artifacts"
+    assert (on_disk / "model" / "sub" / "weights.bin").read_bytes() == b"\0" * 64
+    assert (on_disk / "plots" / "training.png").read_bytes()[:8] == PNG_MAGIC
+    assert {a.path for a in client.list_artifacts(tr.run_id, "model")} == {"model/config.json", "model/sub"}
+    got = Path(mlflow.artifacts.download_artifacts(f"runs:/{tr.run_id}/model", dst_path=str(tmp_path / "dl"),
+                                                   tracking_uri=store["uri"]))
+    assert json.loads((got / "config.json").read_text()) == {"model_type": "qwen2_5_vl"}
+
+    mv = client.get_model_version("noisyrollout-tiny-test", "2")
+    assert mv.run_id == tr.run_id and mv.source == f"runs:/{tr.run_id}/model"
+    assert client.get_model_version_download_uri("noisyrollout-tiny-test", "1") == f"runs:/{tr.run_id}/model"
+
+    assert sorted(p.name for p in workdir.iterdir()) == []   # no ./mlruns, ./mlartifacts or ./mlflow.db
+
+
+def test_resume_appends_to_same_run(store, workdir):
+    client = store["client"]
+    with Tracker("noisyrollout-resume", tracking_uri=store["uri"], artifact_root=store["artifacts"]) as tr:
+        tr.log_params({"train": {"steps": 2}})
+        tr.log_metrics({"reward/reward_clean": 0.1}, step=0)
+        tr.log_metrics({"reward/reward_clean": 0.2}, step=1)
+    with Tracker("ignored-on-resume", tracking_uri=store["uri"], artifact_root=store["artifacts"],
+                 run_id=tr.run_id) as again:
+        assert again.run_id == tr.run_id and again.resumed
+        assert client.get_run(tr.run_id).info.status == "RUNNING"
+        again.log_params({"train": {"steps": 4}})   # immutable param: kept, new value tagged
+        again.log_metrics({"reward/reward_clean": 0.3}, step=2)
+    run = client.get_run(tr.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "2" and run.data.tags["param_changed.train.steps"] == "4"
+    assert [(m.step, m.value) for m in client.get_metric_history(tr.run_id, "reward/reward_clean")] == \
+        [(0, 0.1), (1, 0.2), (2, 0.3)]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_tracking_uri_env_override(store, workdir, monkeypatch):
+    assert tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    assert tracking_uri() == store["uri"]
+    with Tracker("noisyrollout-env", artifact_root=store["artifacts"]) as tr:
+        tr.log_metrics({"x": 1.0}, step=0)
+    assert tr.tracking_uri == store["uri"]
+    assert store["client"].get_run(tr.run_id).data.metrics == {"x": 1.0}   # found in the env's store
+    assert not (workdir / "mlruns.db").exists()
+
+
+def test_exception_in_block_marks_run_failed(store, workdir):
+    with pytest.raises(RuntimeError, match="boom"):
+        with Tracker("noisyrollout-fail", tracking_uri=store["uri"], artifact_root=store["artifacts"]) as tr:
+            tr.log_metrics({"x": 1.0}, step=0)
+            raise RuntimeError("boom")
+    assert store["client"].get_run(tr.run_id).info.status == "FAILED"
+    tr.finish()   # already finished: no-op, status stays FAILED
+    assert store["client"].get_run(tr.run_id).info.status == "FAILED"
+
+
+def test_plot_metrics_and_report_plot_training(tmp_path):
+    from noisyrollout.report import plot_training
+
+    out = plot_metrics(_rows(5, nan_noisy=True), tmp_path / "a" / "plot.png")   # vanilla GRPO: reward_noisy nan
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in _rows(5)))
+    assert plot_training(jsonl, tmp_path / "training.png").read_bytes()[:8] == PNG_MAGIC
