@@ -118,3 +118,15 @@ def test_vision_feature_cache_gives_the_uncached_logprobs(tiny_model_dir, corpus
     assert torch.allclose(a, b, atol=1e-6)
     assert "pixel_values" not in build_sequences(cached, index, response, mask, pad_id=pad,
                                                  image_token_id=model.config.image_token_id)
+
+
+def test_vision_cache_in_generation_samples_the_same_tokens(tiny_model_dir, corpus_dir):
+    params, processor, model, _, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    prompts = [Prompt(img, q) for img, q in zip(batch.images, batch.problems)]
+    sampling = SamplingParams(n=3, temperature=1.0, max_new_tokens=8)
+    outs = []
+    for cache in (False, True):
+        engine = HFEngine(model, processor, system_prompt=params.model.system_prompt, cache_vision=cache)
+        torch.manual_seed(0)
+        outs.append([g.token_ids for g in engine.generate(prompts, sampling)])
+    assert outs[0] == outs[1]

@@ -38,8 +38,12 @@ def trim_response(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list
 class HFEngine:
     """Engine protocol over a transformers image-text-to-text model and its processor."""
 
-    def __init__(self, model: Any, processor: Any, *, system_prompt: str | None, batch_size: int = 64) -> None:
+    def __init__(self, model: Any, processor: Any, *, system_prompt: str | None, batch_size: int = 64,
+                 cache_vision: bool = False) -> None:
+        """`cache_vision` (for a frozen vision tower): encode each prompt's image once and hand the features to
+        `generate`, instead of letting it encode the image again for each of the n samples."""
         self.model = model
+        self.cache_vision = cache_vision
         self.processor = processor
         self.system_prompt = system_prompt
         self.batch_size = batch_size
@@ -75,6 +79,11 @@ class HFEngine:
         texts = [chat_text(self.processor, p.text, self.system_prompt) for p in prompts]
         inputs = self.processor(text=texts, images=[p.image for p in prompts], padding=True, return_tensors="pt")
         inputs = inputs.to(self.model.device)
+        if self.cache_vision:
+            with torch.no_grad():
+                features = self.model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
+                                                               return_dict=True)
+            inputs["mm_encoder_outputs"] = {"image": features}
         greedy = params.temperature <= 0
         sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
         was_training = self.model.training

@@ -127,7 +127,8 @@ class Learner:
                               seed=params.seed + self.rank, min_pixels=params.data.min_pixels,
                               max_pixels=params.data.max_pixels)
         return HFEngine(self.engine.module, self.processor, system_prompt=params.model.system_prompt,
-                        batch_size=params.train.prompts_per_step * (rollout.n_clean + rollout.n_noisy))
+                        batch_size=params.train.prompts_per_step * (rollout.n_clean + rollout.n_noisy),
+                        cache_vision=params.model.freeze_vision)
 
     def step(self, step: int, total_steps: int, indices: list[int]) -> tuple[StepMetrics, RolloutScores]:
         """One NoisyRollout step on this rank's whole prompts: `indices[rank::world_size]`."""

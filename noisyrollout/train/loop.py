@@ -56,7 +56,8 @@ def train_rl(params: Params, examples: Sequence[dict], init_dir: Path, *, progre
         vision_tower(model).requires_grad_(False)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
     engine = HFEngine(model, processor, system_prompt=params.model.system_prompt,
-                      batch_size=cfg.prompts_per_step * (params.rollout.n_clean + params.rollout.n_noisy))
+                      batch_size=cfg.prompts_per_step * (params.rollout.n_clean + params.rollout.n_noisy),
+                      cache_vision=params.model.freeze_vision)
     optimizer = TorchOptimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, max_grad_norm=cfg.max_grad_norm)
     out_dir = Path(cfg.output_dir)
