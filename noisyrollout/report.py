@@ -34,7 +34,7 @@ def before_after(sft_val: dict, rl_val: dict, metrics_path: Path) -> tuple[str, 
         summary[f"train_{key}_first10"], summary[f"train_{key}_last10"] = a, b
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
     n = int(sft_val["clean"]["n"])
-    lines.append(f"\n(validation: {n} examples, greedy; distorted = {('alpha0 at full strength')})")
+    lines.append(f"\n(validation: {n} examples, greedy decoding; distorted images at alpha0, full strength)")
     summary["val_accuracy_gain"] = rl_val["clean"]["accuracy"] - sft_val["clean"]["accuracy"]
     return "\n".join(lines), summary
 

@@ -35,9 +35,9 @@ def prepare(params: Params, log: Log = print) -> Path:
 
     cfg = params.data
     corpus = build_corpus(seed=cfg.seed, image_size=cfg.image_size, tasks=cfg.tasks, sizes=cfg.sizes)
-    paths = save_corpus(corpus, Path(cfg.corpus_dir))
+    save_corpus(corpus, Path(cfg.corpus_dir))
     log(f"corpus: {', '.join(f'{s} {len(d)}' for s, d in corpus.items())} -> {cfg.corpus_dir}")
-    return Path(cfg.corpus_dir) if paths else Path(cfg.corpus_dir)
+    return Path(cfg.corpus_dir)
 
 
 def build_model(params: Params, log: Log = print) -> Path:
