@@ -28,3 +28,14 @@ def test_batch_order_is_a_pure_function_of_the_step():
     assert sorted(epoch) == list(range(20))
     assert batch_indices(3, 4, 20, seed=7) == batch_indices(3, 4, 20, seed=7) != batch_indices(3, 4, 20, seed=8)
     assert batch_indices(5, 4, 20, seed=7) != batch_indices(0, 4, 20, seed=7)       # a new shuffle next epoch
+
+
+def test_fingerprint_ignores_run_length_and_logging_but_not_the_algorithm():
+    from noisyrollout.config import Params
+
+    base = Params().model_dump(mode="json")
+    fp = checkpoint.params_fingerprint(base)
+    longer = Params.model_validate({"train": {"steps": 999, "output_dir": "elsewhere"}, "tracking": {"enabled": False}})
+    assert checkpoint.params_fingerprint(longer.model_dump(mode="json")) == fp
+    other = Params.model_validate({"rollout": {"n_noisy": 0}})
+    assert checkpoint.params_fingerprint(other.model_dump(mode="json")) != fp

@@ -42,6 +42,9 @@ def test_embedded_pipeline_end_to_end(workdir):
     assert [m["step"] for m in metrics] == [0, 1] and metrics[0]["alpha"] == pytest.approx(0.2, rel=1e-3)
     report = json.loads((rl / "report.json").read_text())
     assert set(report) >= {"sft", "rl", "val_accuracy_gain"}
+    assert (rl / "checkpoints/step_000002/hf/config.json").exists()        # the final step is checkpointed too
+    # checkpoints of a run with other parameters are refused, in one line, before any cluster starts
+    _assert_one_line_error(invoke(*with_overrides("train", extra=("rollout.n_noisy=0",))), "other parameters")
 
     out = invoke(*with_overrides("eval"))
     assert out.exit_code == 0, out.output

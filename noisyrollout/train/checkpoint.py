@@ -12,11 +12,16 @@ a kill left half-written keeps its `.tmp` suffix and is never loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+# Knobs that may change between a run and its resumption; every other parameter must match.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.output_dir", "checkpoint", "tracking", "eval",
+                     "cluster.address", "cluster.dashboard")
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 STATE_FILE = "trainer_state.json"
@@ -61,3 +66,15 @@ def latest(root: Path) -> Path | None:
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def params_fingerprint(params: dict[str, Any]) -> str:
+    """A hash of the parameters that decide what a run computes (not how long it runs or where it logs)."""
+    tree = json.loads(json.dumps(params, default=str))
+    for dotted in RESUMABLE_CHANGES:
+        node, *rest = dotted.split(".")
+        if rest:
+            tree.get(node, {}).pop(rest[0], None)
+        else:
+            tree.pop(node, None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

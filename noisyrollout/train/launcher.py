@@ -13,6 +13,7 @@ loss is the token-mean over that learner's responses and DeepSpeed averages grad
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -94,15 +95,20 @@ def start_ray(params: Params) -> bool:
     return True
 
 
-def _resume_point(params: Params, root: Path) -> Path | None:
+def _resume_point(params: Params, root: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to continue from, if any; one written with other parameters is refused, never mixed in."""
     mode = params.checkpoint.resume
     if mode == "never":
+        shutil.rmtree(root, ignore_errors=True)   # start over: this run's checkpoints replace the old ones
         return None
-    if mode == "auto":
-        return checkpoint.latest(root)
-    path = Path(mode)
+    path = checkpoint.latest(root) if mode == "auto" else Path(mode)
+    if path is None:
+        return None
     if not (path / checkpoint.STATE_FILE).is_file():
         raise NoisyRolloutError(f"{path}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
+    if checkpoint.read_state(path).get("fingerprint") != fingerprint:
+        raise NoisyRolloutError(f"{path} was written with other parameters; choose another train.output_dir, or "
+                                f"-S checkpoint.resume=never to start over (its checkpoints are then replaced)")
     return path
 
 
@@ -130,13 +136,14 @@ def train_distributed(params: Params, init_dir: Path, *, progress: bool = True, 
     ckpt_root = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    fingerprint = checkpoint.params_fingerprint(params.model_dump(mode="json"))
+    resume_from = _resume_point(params, ckpt_root, fingerprint)   # checked before any cluster starts
     started = start_ray(params)
     tracker = None
     try:
         group = LearnerGroup(params, init_dir)
         history: list[dict[str, Any]] = []
         start, run_id = 0, None
-        resume_from = _resume_point(params, ckpt_root)
         if resume_from is not None:
             group.call("load", str(resume_from))
             state = checkpoint.read_state(resume_from)
@@ -159,10 +166,10 @@ def train_distributed(params: Params, init_dir: Path, *, progress: bool = True, 
             if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
                 (bar.write if progress else log)(metrics.line())
             every = params.checkpoint.every
-            if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):   # the last step too: rerun = no-op
                 tmp = checkpoint.staging_dir(ckpt_root, step + 1)
                 group.call("save", str(tmp))
-                state = {"step": step + 1, "metrics": history, "time": time.time(),
+                state = {"step": step + 1, "metrics": history, "time": time.time(), "fingerprint": fingerprint,
                          "mlflow_run_id": tracker.run_id if tracker is not None else None}
                 checkpoint.commit(tmp, state, params.checkpoint.keep_last)
         model_dir = out_dir / "model"
