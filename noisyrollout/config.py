@@ -134,9 +134,10 @@ class ClusterConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(20, ge=0, description="Save a checkpoint every this many RL steps (0 = only at the end).")
+    every: int = Field(20, ge=0, description="Save a checkpoint every this many RL steps and after the last one (0 = none).")
     keep_last: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
-    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint; `never`; or a checkpoint folder.")
+    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint written with the same "
+                        "parameters; `never`: start over, replacing old checkpoints; or a checkpoint folder.")
 
 
 class TrackingConfig(Section):
