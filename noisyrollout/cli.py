@@ -60,6 +60,7 @@ def eval_command(
     datasets: Optional[str] = typer.Option(None, help="Comma list: geo3k,wemath,mathvista,mathverse,mathvision,hallubench,"
                                                       "embedded_test,embedded_ood; or `all` (every one found)."),
     output_dir: Optional[Path] = typer.Option(None, help="Where <benchmark>.json, summary.json/.md/.png go."),
+    engine: Optional[str] = typer.Option(None, help="hf (transformers, CPU) or vllm (GPU; pip install '.[gpu]')."),
     predictions_from: Optional[Path] = typer.Option(None, help="Re-grade the predictions saved in this output dir; no model is loaded."),
     temperature: Optional[float] = typer.Option(None, help="0 = greedy."),
     top_p: Optional[float] = typer.Option(None),
@@ -72,7 +73,7 @@ def eval_command(
 ) -> None:
     """Score a checkpoint on the benchmarks (rule grading; optional OpenAI-compatible judge from
     NOISYROLLOUT_JUDGE_BASE_URL / _MODEL / _API_KEY). Flags override the `eval` section of params.yaml."""
-    flags = {"model": model, "data_dir": data_dir, "datasets": datasets, "output_dir": output_dir,
+    flags = {"model": model, "engine": engine, "data_dir": data_dir, "datasets": datasets, "output_dir": output_dir,
              "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "min_pixels": min_pixels,
              "max_pixels": max_pixels, "batch_size": batch_size, "limit": limit}
     overrides = list(set_ or []) + [f"eval.{k}={v}" for k, v in flags.items() if v is not None]

@@ -151,6 +151,7 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(24, ge=1, description="Longest response, in tokens (authors' eval: 2048).")
     val_limit: int | None = Field(None, description="Use at most this many validation examples (None = all).")
     model: Path | None = Field(None, description="Checkpoint for `eval` (None = the RL policy, <train.output_dir>/model).")
+    engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine for `eval`: `hf` (CPU) or `vllm` (GPU).")
     data_dir: Path | None = Field(None, description="The authors' eval_data.zip unpacked (geometry3k/, wemath/, ...).")
     datasets: str = Field("embedded_test,embedded_ood", description="Comma list of benchmarks, or `all` (every one found).")
     output_dir: Path = Field(Path("runs/embedded/eval"), description="Where `eval` writes <benchmark>.json and the summary.")

@@ -164,10 +164,17 @@ def evaluate(params: Params, log: Log = print, predictions_from: Path | None = N
     else:
         set_threads(params)
         model_dir = Path(cfg.model) if cfg.model is not None else Path(params.train.output_dir) / "model"
-        if not (model_dir / "config.json").exists():
+        if cfg.model is None and not (model_dir / "config.json").exists():
             raise NoisyRolloutError(f"{model_dir}: no model to evaluate (train first, or set eval.model / --model)")
-        engine = HFEngine.from_pretrained(model_dir, system_prompt=params.model.system_prompt,
-                                          batch_size=cfg.batch_size, dtype=params.model.dtype)
+        if cfg.engine == "vllm":
+            from noisyrollout.rollout.vllm_engine import VLLMEngine
+
+            engine = VLLMEngine.from_pretrained(model_dir, system_prompt=params.model.system_prompt,
+                                                dtype=params.model.dtype, seed=params.seed,
+                                                min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        else:
+            engine = HFEngine.from_pretrained(model_dir, system_prompt=params.model.system_prompt,
+                                              batch_size=cfg.batch_size, dtype=params.model.dtype)
         sampling = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
         summary = run_eval(engine, data_dir=cfg.data_dir, corpus_dir=Path(params.data.corpus_dir), datasets=cfg.datasets,
                            output_dir=Path(cfg.output_dir), sampling=sampling, judge=judge, limit=cfg.limit,

@@ -88,3 +88,4 @@ def test_bad_parameters_give_one_line_errors(workdir):
     _assert_one_line_error(invoke("prepare", "--params", "missing.yaml"), "missing.yaml")
     _assert_one_line_error(invoke("sft", "--params", "params.yaml", "-S", "model.name_or_path=nowhere"), "nowhere")
     _assert_one_line_error(invoke("train", "--params", "params.yaml", "-S", "rollout.engine=vllm"), "vLLM")
+    _assert_one_line_error(invoke("eval", "--params", "params.yaml", "--engine", "vllm", "--model", "."), "vLLM")
