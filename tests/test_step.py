@@ -11,7 +11,7 @@ from noisyrollout.rollout.engine import Prompt, SamplingParams
 from noisyrollout.rollout.hf_engine import HFEngine
 from noisyrollout.data.loaders import load_records
 from noisyrollout.train.optim import TorchOptimizer
-from noisyrollout.train.scoring import build_sequences, encode_prompts, response_logprobs
+from noisyrollout.train.scoring import build_sequences, encode_prompts, pad_responses, response_logprobs
 from noisyrollout.train.step import PromptBatch, noisyrollout_step
 
 
@@ -73,13 +73,8 @@ def test_generate_logprobs_match_recomputed_logprobs(tiny_model_dir, corpus_dir)
     model.eval()
     prompts = [Prompt(img, q) for img, q in zip(batch.images, batch.problems)]
     gens = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=6))
-    ids = [g.token_ids[0] for g in gens]
-    width = max(len(r) for r in ids)
-    response = torch.full((len(ids), width), processor.tokenizer.pad_token_id)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    for i, r in enumerate(ids):
-        response[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = True
+    response, mask = pad_responses([g.token_ids[0] for g in gens], processor.tokenizer.pad_token_id)
+    width = response.shape[1]
     enc = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
     with torch.no_grad():
         logp, _ = response_logprobs(model, enc, [0, 1, 2], response, mask, pad_id=processor.tokenizer.pad_token_id)
@@ -99,14 +94,8 @@ def test_vision_feature_cache_gives_the_uncached_logprobs(tiny_model_dir, corpus
     model.eval()
     gens = engine.generate([Prompt(img, q) for img, q in zip(batch.images, batch.problems)],
                            SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
-    rows = [ids for g in gens for ids in g.token_ids]
     index = [p for p in range(3) for _ in range(2)]
-    width = max(len(r) for r in rows)
-    response = torch.full((len(rows), width), processor.tokenizer.pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        response[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = True
+    response, mask = pad_responses([ids for g in gens for ids in g.token_ids], processor.tokenizer.pad_token_id)
     pad = processor.tokenizer.pad_token_id
     plain = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
     cached = cache_image_features(model, encode_prompts(processor, batch.images, batch.problems,

@@ -49,6 +49,17 @@ def encode_prompts(processor: Any, images: Sequence[Image.Image], problems: Sequ
     return EncodedPrompts(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
 
 
+def pad_responses(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (N, L) token ids and the bool mask of real tokens."""
+    width = max(1, max((len(r) for r in rows), default=0))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = True
+    return ids, mask
+
+
 def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
                     response_mask: torch.Tensor, *, pad_id: int, image_token_id: int) -> dict[str, Any]:
     """Model inputs for `[prompt_index[i] prompt | response i]`; responses start at column `prompt_width`."""

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from noisyrollout.algo.augment import distort
 from noisyrollout.config import Params
 from noisyrollout.train.optim import TorchOptimizer
-from noisyrollout.train.scoring import encode_prompts, response_logprobs
+from noisyrollout.train.scoring import encode_prompts, pad_responses, response_logprobs
 
 
 def target_text(example: dict) -> str:
@@ -26,13 +26,7 @@ def target_text(example: dict) -> str:
 
 def tokenize_targets(tokenizer: Any, texts: Sequence[str], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = [tokenizer.encode(t, add_special_tokens=False) + [eos_id] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = True
-    return ids, mask
+    return pad_responses(rows, tokenizer.pad_token_id)
 
 
 def augment(image: Image.Image, prob: float, max_step: int, rng: random.Random,

@@ -29,7 +29,8 @@ from noisyrollout.algo.schedule import anneal
 from noisyrollout.config import Params
 from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
 from noisyrollout.train.metrics import RolloutScores, StepMetrics, reward_metrics
-from noisyrollout.train.scoring import EncodedPrompts, cache_image_features, encode_prompts, response_logprobs
+from noisyrollout.train.scoring import (EncodedPrompts, cache_image_features, encode_prompts, pad_responses,
+                                        response_logprobs)
 
 
 @dataclass
@@ -65,12 +66,7 @@ def sample_rollouts(engine: Engine, batch: PromptBatch, noisy_images: Sequence[I
         for p, gen in enumerate(engine.generate(prompts, params)):
             per_prompt[p] += [(ids, text, noisy) for ids, text in zip(gen.token_ids, gen.texts)]
     rows = [(p, *r) for p, responses in enumerate(per_prompt) for r in responses]
-    width = max(1, max(len(ids) for _, ids, _, _ in rows))
-    response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (_, ids, _, _) in enumerate(rows):
-        response_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        response_mask[i, :len(ids)] = True
+    response_ids, response_mask = pad_responses([ids for _, ids, _, _ in rows], pad_id)
     return Rollouts(prompt_index=torch.tensor([r[0] for r in rows]), is_noisy=torch.tensor([r[3] for r in rows]),
                     response_ids=response_ids, response_mask=response_mask, texts=[r[2] for r in rows])
 
