@@ -58,3 +58,16 @@ def vision_tower(model: Any) -> torch.nn.Module:
     if tower is None:
         raise AttributeError(f"{type(model).__name__} has no vision tower named `visual`")
     return tower
+
+
+def load_policy(path: str | Path, *, dtype: str, min_pixels: int | None, max_pixels: int | None,
+                freeze_vision: bool, with_reference: bool) -> tuple[Any, Any, Any | None]:
+    """(processor, policy in train mode, frozen copy as reference or None) for RL from `path`."""
+    import copy
+
+    processor = load_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    model = load_model(path, dtype=dtype).train()
+    if freeze_vision:
+        vision_tower(model).requires_grad_(False)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if with_reference else None
+    return processor, model, reference

@@ -18,10 +18,11 @@ import torch
 
 from noisyrollout.config import Params
 from noisyrollout.data.loaders import load_records
-from noisyrollout.models.load import load_model, load_processor, vision_tower
+from noisyrollout.models.load import load_policy
 from noisyrollout.rollout.hf_engine import HFEngine
 from noisyrollout.train.metrics import RolloutScores, StepMetrics
-from noisyrollout.train.optim import lr_lambda
+from noisyrollout.train.loop import seed_everything
+from noisyrollout.train.optim import adamw
 from noisyrollout.train.step import PromptBatch, noisyrollout_step
 
 
@@ -89,26 +90,13 @@ class Learner:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-        seed = params.seed + self.rank
-        random.seed(seed)
-        torch.manual_seed(seed)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.processor = load_processor(self.init_dir, min_pixels=params.data.min_pixels,
-                                        max_pixels=params.data.max_pixels)
-        model = load_model(self.init_dir, dtype=params.model.dtype)
-        model.train()
-        if params.model.freeze_vision:
-            vision_tower(model).requires_grad_(False)
-        self.ref_model = None
-        if params.train.kl_coef > 0:
-            import copy
-
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay,
-                                      betas=(0.9, 0.99))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(params.train.warmup_steps, params.train.steps, "constant"))
+        self.generator = seed_everything(params.seed + self.rank)
+        self.processor, model, self.ref_model = load_policy(
+            self.init_dir, dtype=params.model.dtype, min_pixels=params.data.min_pixels,
+            max_pixels=params.data.max_pixels, freeze_vision=params.model.freeze_vision,
+            with_reference=params.train.kl_coef > 0)
+        optimizer, scheduler = adamw(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay,
+                                     warmup_steps=params.train.warmup_steps, total_steps=params.train.steps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=deepspeed_config(params))
         self.optimizer = DeepSpeedOptimizer(self.engine)

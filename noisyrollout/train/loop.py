@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import random
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from noisyrollout.config import Params
-from noisyrollout.models.load import load_model, load_processor, vision_tower
+from noisyrollout.models.load import load_policy
 from noisyrollout.rollout.hf_engine import HFEngine
 from noisyrollout.train.metrics import MetricsLog, StepMetrics
 from noisyrollout.train.optim import TorchOptimizer
@@ -49,12 +48,9 @@ def train_rl(params: Params, examples: Sequence[dict], init_dir: Path, *, progre
     """NoisyRollout GRPO from the policy in `init_dir`; writes `<output_dir>/model` and `metrics.jsonl`."""
     cfg = params.train
     generator = seed_everything(params.seed)
-    processor = load_processor(init_dir, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels)
-    model = load_model(init_dir, dtype=params.model.dtype)
-    model.train()
-    if params.model.freeze_vision:
-        vision_tower(model).requires_grad_(False)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+    processor, model, ref_model = load_policy(init_dir, dtype=params.model.dtype, min_pixels=params.data.min_pixels,
+                                              max_pixels=params.data.max_pixels,
+                                              freeze_vision=params.model.freeze_vision, with_reference=cfg.kl_coef > 0)
     engine = HFEngine(model, processor, system_prompt=params.model.system_prompt,
                       batch_size=cfg.prompts_per_step * (params.rollout.n_clean + params.rollout.n_noisy),
                       cache_vision=params.model.freeze_vision)
@@ -70,9 +66,9 @@ def train_rl(params: Params, examples: Sequence[dict], init_dir: Path, *, progre
         chosen = [examples[i] for i in batch_indices(step, cfg.prompts_per_step, len(examples), params.seed)]
         batch = PromptBatch(images=[e["image"] for e in chosen], problems=[e["problem"] for e in chosen],
                             answers=[e["answer"] for e in chosen])
-        metrics = noisyrollout_step(step, cfg.steps, batch, model=model, processor=processor,
-                                          engine=engine, optimizer=optimizer, params=params, generator=generator,
-                                          ref_model=ref_model).metrics
+        metrics = noisyrollout_step(step, cfg.steps, batch, model=model, processor=processor, engine=engine,
+                                    optimizer=optimizer, params=params, generator=generator,
+                                    ref_model=ref_model).metrics
         metrics_log.append(metrics)
         history.append(metrics)
         bar.set_postfix(clean=f"{metrics.reward_clean:.2f}", noisy=f"{metrics.reward_noisy:.2f}")

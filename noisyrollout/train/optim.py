@@ -23,12 +23,21 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: Literal["constant",
     return factor
 
 
+def adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_steps: int,
+          total_steps: int, schedule: Literal["constant", "cosine"] = "constant"
+          ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters and its warm-up + schedule (also handed to DeepSpeed by learners)."""
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                                  betas=(0.9, 0.99))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, schedule))
+
+
 class TorchOptimizer:
     def __init__(self, params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_steps: int,
                  total_steps: int, max_grad_norm: float, schedule: Literal["constant", "cosine"] = "constant") -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(warmup_steps, total_steps, schedule))
+        self.optimizer, self.scheduler = adamw(params, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                               total_steps=total_steps, schedule=schedule)
+        self.params = self.optimizer.param_groups[0]["params"]
         self.max_grad_norm = max_grad_norm
 
     def backward(self, loss: torch.Tensor) -> None:
