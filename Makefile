@@ -20,11 +20,17 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The DAG (dvc.yaml) with the venv first on PATH: DVC runs each stage as `noisyrollout <stage>`.
+WITH_VENV := PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=1
+
 run: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/noisyrollout run
+	$(WITH_VENV) noisyrollout restore-data
+	$(WITH_VENV) dvc repro
+	$(WITH_VENV) noisyrollout plots
+	$(WITH_VENV) noisyrollout summary
 
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(WITH_VENV) python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf runs data/corpus
+	rm -rf runs reports

@@ -39,18 +39,93 @@ def _stage(name: str, doc: str) -> Callable:
     return app.command(name)(command)
 
 
-_stage("prepare", "Render the synthetic visual-reasoning corpus (train/val/test/ood parquet).")
-_stage("build-model", "Train the tokenizer and build the tiny Qwen2.5-VL (embedded profile).")
-_stage("sft", "SFT warm start on <think>...</think> \\boxed{} targets, then validate.")
-_stage("train", "NoisyRollout GRPO from the SFT policy, then validate.")
+_stage("render-data", "Render the synthetic visual-reasoning corpus into data.corpus_dir (the raw data data.dvc versions).")
+_stage("prepare", "Read data.train/val/test/ood into one schema -> data.prepared_dir/<split>.parquet.")
+_stage("validate", "Great Expectations gate over the prepared tables; Data Docs to gate.docs_dir.")
+_stage("build-model", "Train the tokenizer and build the tiny Qwen2.5-VL (embedded profile; else a no-op).")
+_stage("sft", "SFT warm start on <think>...</think> \\boxed{} targets, then validate (a no-op when sft.enabled is false).")
+_stage("train", "NoisyRollout GRPO from the SFT policy, then validate and write the before/after report.")
 _stage("report", "Print the before/after table and plot the training curves.")
+_stage("register", "Register the trained policy in the MLflow model registry (alias challenger).")
+_stage("promote", "Move the champion alias to the challenger when it beats the champion by registry.margin.")
+
+
+@app.command("evaluate")
+def evaluate_stage(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
+    """The DAG's evaluation stage: `eval` with the `eval` section of params.yaml, recording reports/eval.json."""
+    _run("evaluate", params, set_, recipe, record=True)
+
+
+DAG = ("prepare", "validate", "build_model", "sft", "train", "evaluate", "register", "promote")
 
 
 @app.command("run")
 def run_all(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
-    """All stages in order: prepare, build-model, sft, train, report."""
-    for stage in ("prepare", "build_model", "sft", "train", "report"):
-        _run(stage, params, set_, recipe)
+    """Every DAG stage in order in this process, without DVC (render-data first when data.corpus_dir is missing)."""
+    from noisyrollout.config import load_params
+
+    if not Path(load_params(params, set_, recipe).data.corpus_dir).exists():
+        _run("render_data", params, set_, recipe)
+    for stage in DAG:
+        _run(stage, params, set_, recipe, **({"record": True} if stage == "evaluate" else {}))
+
+
+@app.command("restore-data")
+def restore_data(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
+    """Make data.dvc's folder present and verified: check it, or `dvc pull` it (with a DVC remote), or render the
+    embedded corpus and check the render against data.dvc's hash (a mismatch is an error, never new data)."""
+    _call(lambda p: __import__("pipelines.data", fromlist=["restore"]).restore(p), params, set_, recipe)
+
+
+@app.command("summary")
+def summary(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
+    """What the last pipeline run produced: the before/after table, the evaluation and the registry state."""
+    _call(lambda p: __import__("pipelines.dag", fromlist=["print_summary"]).print_summary(p), params, set_, recipe)
+
+
+@app.command("plots")
+def plots(output: Path = typer.Option(Path("reports/plots.html"), help="The self-contained page to write."),
+          screenshot: Optional[Path] = typer.Option(None, help="Also render the page in headless Chromium to this PNG.")) -> None:
+    """Draw every plot of dvc.yaml (training curves, evaluation bars) into one page that renders offline."""
+    from noisyrollout.errors import NoisyRolloutError
+    from pipelines.plots import render_plots_page, screenshot as shoot
+
+    try:
+        page = render_plots_page(Path("."), output)
+        typer.echo(f"plots: {page}")
+        if screenshot is not None:
+            errors = shoot(page, screenshot)
+            typer.echo(f"plots: screenshot {screenshot}" + (f"; console errors: {errors}" if errors else ""))
+    except (NoisyRolloutError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("use-recipe")
+def use_recipe(recipe: Path = typer.Argument(..., help="A recipe YAML, e.g. recipes/gpu-7b.yaml."),
+               params: Path = ParamsOpt) -> None:
+    """Merge a recipe into params.yaml in place (comments kept), so `dvc repro` / `dvc exp run` run it through the
+    DAG. `git checkout params.yaml` switches back."""
+    from noisyrollout.config import apply_recipe
+    from noisyrollout.errors import NoisyRolloutError
+
+    try:
+        changed = apply_recipe(params, recipe)
+    except NoisyRolloutError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{params}: {len(changed)} key(s) set from {recipe}: {', '.join(changed) or 'none'}")
+
+
+def _call(fn: Callable, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path]) -> None:
+    from noisyrollout.config import load_params
+    from noisyrollout.errors import NoisyRolloutError
+
+    try:
+        fn(load_params(params_path, overrides, recipe))
+    except NoisyRolloutError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command("eval")

@@ -25,17 +25,39 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    corpus_dir: Path = Field(Path("data/corpus"), description="Where `prepare` writes the rendered corpus (parquet per split).")
+    corpus_dir: Path = Field(Path("data/corpus"), description="Where `render-data` writes the synthetic corpus (parquet per "
+                             "split); versioned by data.dvc, which tracks the whole data/ folder.")
+    prepared_dir: Path = Field(Path("runs/prepared"), description="Where `prepare` writes the tables every later stage reads "
+                               "(<split>.parquet for train/val/test/ood, one schema).")
     train: str = Field("data/corpus", description="Training set: hub id `owner/name@split`, a parquet/jsonl file, or a folder.")
     train_split: str = Field("train", description="Split of `train` used for RL (and SFT on the embedded profile).")
     val: str = Field("data/corpus", description="Validation set (same forms as `train`).")
     val_split: str = Field("val", description="Split of `val` used for the before/after accuracy table.")
+    test: str | None = Field("data/corpus", description="In-domain test set for `evaluate` (same forms; null = none).")
+    test_split: str = Field("test", description="Split of `test`.")
+    ood: str | None = Field("data/corpus", description="Out-of-domain test set for `evaluate` (same forms; null = none).")
+    ood_split: str = Field("ood", description="Split of `ood`.")
     image_size: int = Field(56, ge=28, description="Side in pixels of rendered corpus images (multiple of 28 recommended).")
     tasks: list[Literal["count", "bar", "length"]] = Field(["count", "bar", "length"], description="Synthetic tasks to render.")
     sizes: dict[str, int] = Field({"train": 3000, "val": 600, "test": 600, "ood": 600}, description="Examples per split.")
     min_pixels: int = Field(3136, ge=784, description="Images are resized to at least this many pixels (aspect kept).")
     max_pixels: int = Field(3136, ge=784, description="Images are resized to at most this many pixels (aspect kept).")
     seed: int = Field(0, description="Seed of the corpus renderer.")
+
+    @model_validator(mode="after")
+    def _pixel_range(self) -> "DataConfig":
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+        return self
+
+    def sources(self) -> dict[str, tuple[str, str]]:
+        """The splits `prepare` writes: {split name: (source, source split)}; test/ood only when set."""
+        out = {"train": (self.train, self.train_split), "val": (self.val, self.val_split)}
+        if self.test is not None:
+            out["test"] = (self.test, self.test_split)
+        if self.ood is not None:
+            out["ood"] = (self.ood, self.ood_split)
+        return out
 
 
 class TinyModelConfig(Section):
@@ -59,12 +81,27 @@ class TinyModelConfig(Section):
 
 
 class ModelConfig(Section):
-    embedded: bool = Field(True, description="Build the tiny model and tokenizer locally instead of loading `name_or_path`.")
-    name_or_path: str = Field("runs/embedded/base", description="Base policy: a local folder or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
+    embedded: bool = Field(True, description="Build the tiny model and tokenizer locally (into `build_dir`) instead of "
+                           "loading `name_or_path`.")
+    build_dir: Path = Field(Path("runs/embedded/base"), description="Where `build-model` saves the embedded model (the base "
+                            "policy when `embedded` is true).")
+    name_or_path: str | None = Field(None, description="Base policy when `embedded` is false: a local folder or hub id "
+                                     "(e.g. Qwen/Qwen2.5-VL-7B-Instruct).")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Architecture of the embedded model.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype for training.")
     freeze_vision: bool = Field(True, description="Freeze the vision tower during RL (the paper's setting).")
     system_prompt: str = Field(SYSTEM_PROMPT, description="System prompt of every rollout (the authors').")
+
+    @model_validator(mode="after")
+    def _base_given(self) -> "ModelConfig":
+        if not self.embedded and not self.name_or_path:
+            raise ValueError("name_or_path is required when model.embedded is false")
+        return self
+
+    @property
+    def base(self) -> str:
+        """The base policy: `build_dir` for the embedded model, else `name_or_path`."""
+        return str(self.build_dir) if self.embedded else str(self.name_or_path)
 
 
 class SFTConfig(Section):
@@ -146,14 +183,20 @@ class TrackingConfig(Section):
     artifact_root: Path = Field(Path("mlartifacts"), description="Local folder for MLflow artifacts (made absolute).")
 
 
+class ValConfig(Section):
+    batch_size: int = Field(128, ge=1, description="Prompts per generation batch of the validation after `sft` and `train`.")
+    max_new_tokens: int = Field(24, ge=1, description="Longest validation response, in tokens.")
+    limit: int | None = Field(None, description="Use at most this many validation examples (None = all).")
+
+
 class EvalConfig(Section):
-    batch_size: int = Field(128, ge=1, description="Prompts per generation batch (validation and `eval`).")
+    batch_size: int = Field(128, ge=1, description="Prompts per generation batch of `evaluate` / `eval`.")
     max_new_tokens: int = Field(24, ge=1, description="Longest response, in tokens (authors' eval: 2048).")
-    val_limit: int | None = Field(None, description="Use at most this many validation examples (None = all).")
     model: Path | None = Field(None, description="Checkpoint for `eval` (None = the RL policy, <train.output_dir>/model).")
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine for `eval`: `hf` (CPU) or `vllm` (GPU).")
     data_dir: Path | None = Field(None, description="The authors' eval_data.zip unpacked (geometry3k/, wemath/, ...).")
-    datasets: str = Field("embedded_test,embedded_ood", description="Comma list of benchmarks, or `all` (every one found).")
+    datasets: str = Field("all", description="Comma list of benchmarks, or `all`: the prepared test/ood splits "
+                          "(embedded_test, embedded_ood) plus every paper benchmark found under `data_dir`.")
     output_dir: Path = Field(Path("runs/embedded/eval"), description="Where `eval` writes <benchmark>.json and the summary.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding (the authors' setting).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold when temperature > 0.")
@@ -162,19 +205,40 @@ class EvalConfig(Section):
     limit: int | None = Field(None, description="Evaluate only the first N samples of each benchmark.")
 
 
+class GateConfig(Section):
+    splits: list[str] = Field(["train", "val", "test", "ood"], description="Prepared tables the Great Expectations gate "
+                              "(stage `validate`) checks, among those `prepare` wrote.")
+    min_image_pixels: int = Field(784, ge=1, description="Smallest image (w*h) accepted: 784 = one 28x28 image token.")
+    max_image_pixels: int = Field(16_777_216, ge=1, description="Largest image (w*h) accepted (4096 x 4096).")
+    docs_dir: Path = Field(Path("runs/data_docs"), description="Where the gate writes its Great Expectations Data Docs (HTML).")
+
+
+class RegistryConfig(Section):
+    enabled: bool = Field(True, description="Register the trained policy in the MLflow model registry and promote by the rule.")
+    model_name: str = Field("noisyrollout-embedded", description="Registered model name.")
+    metric: str = Field("mean_accuracy", description="Promotion metric: an `evaluate` metric, e.g. mean_accuracy (over the "
+                        "evaluated splits) or embedded_ood.accuracy.")
+    margin: float = Field(0.005, ge=0, description="`champion` moves only when the challenger beats it by at least this much.")
+
+
 class Params(Section):
     seed: int = Field(0, description="Global seed (model init, sampling, noise).")
     threads: int = Field(1, ge=1, description="torch threads per process (1 avoids oversubscription on small CPUs).")
+    reports_dir: Path = Field(Path("reports"), description="Small JSON metrics and CSV plot data of every stage (what "
+                              "`dvc metrics show` and `dvc plots` read; kept in git, not in the DVC cache).")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    val: ValConfig = Field(default_factory=ValConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -220,3 +284,35 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"params: {where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def apply_recipe(params_path: str | Path, recipe: str | Path) -> list[str]:
+    """Deep-merge `recipe` into the parameters file in place, keeping its comments (ruamel.yaml round trip), after
+    checking that the result validates. Returns the dotted keys whose value changed. This is the params-file switch
+    that lets `dvc repro` / `dvc exp run` run a recipe (e.g. recipes/gpu-7b.yaml) through the same DAG."""
+    from ruamel.yaml import YAML
+
+    params_path, recipe = Path(params_path), Path(recipe)
+    for file in (params_path, recipe):
+        if not file.is_file():
+            raise ConfigError(f"{file}: no such parameters file")
+    load_params(params_path, recipe=recipe)   # the merged result must validate before anything is written
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(params_path.read_text())
+    update = yaml.safe_load(recipe.read_text()) or {}
+    changed: list[str] = []
+
+    def apply(node: Any, patch: dict[str, Any], prefix: str) -> None:
+        for key, value in patch.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and isinstance(node.get(key), dict):
+                apply(node[key], value, f"{dotted}.")
+            elif node.get(key) != value:
+                node[key] = value
+                changed.append(dotted)
+
+    apply(doc, update, "")
+    with params_path.open("w") as fh:
+        rt.dump(doc, fh)
+    return changed

@@ -14,18 +14,21 @@ def _window_mean(rows: list[dict], key: str, first: bool, k: int = 10) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def before_after(sft_val: dict, rl_val: dict, metrics_path: Path) -> tuple[str, dict[str, Any]]:
+def before_after(sft_val: dict | None, rl_val: dict, metrics_path: Path) -> tuple[str, dict[str, Any]]:
     """A markdown table: validation accuracy (clean / distorted images, per task) after SFT and after RL,
-    and the training reward on clean vs noisy rollouts over the first and last 10 steps."""
-    tasks = sorted(k for k in sft_val["clean"] if k.startswith("accuracy/"))
+    and the training reward on clean vs noisy rollouts over the first and last 10 steps. Without SFT
+    (`sft_val` None) the "before" column is empty and the gain is nan."""
+    tasks = sorted(k for k in rl_val["clean"] if k.startswith("accuracy/"))
     rows = [("val accuracy (clean images)", "accuracy", "clean"), ("val accuracy (distorted images)", "accuracy", "noisy"),
             ("val format rate", "format", "clean")]
     rows += [(f"val accuracy {t.split('/', 1)[1]}", t, "clean") for t in tasks]
     lines = ["| metric | after SFT | after RL | change |", "|---|---|---|---|"]
     summary: dict[str, Any] = {"sft": sft_val, "rl": rl_val}
     for label, key, which in rows:
-        a, b = sft_val[which][key], rl_val[which][key]
-        lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+        b = rl_val[which][key]
+        a = sft_val[which].get(key, math.nan) if sft_val is not None else math.nan
+        lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |" if sft_val is not None
+                     else f"| {label} | (no SFT) | {b:.3f} | |")
     history = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     lines += ["", "| training reward | first 10 steps | last 10 steps | change |", "|---|---|---|---|"]
     for label, key in (("clean rollouts", "reward_clean"), ("noisy rollouts", "reward_noisy"),
@@ -33,9 +36,10 @@ def before_after(sft_val: dict, rl_val: dict, metrics_path: Path) -> tuple[str, 
         a, b = _window_mean(history, key, True), _window_mean(history, key, False)
         summary[f"train_{key}_first10"], summary[f"train_{key}_last10"] = a, b
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
-    n = int(sft_val["clean"]["n"])
+    n = int(rl_val["clean"]["n"])
     lines.append(f"\n(validation: {n} examples, greedy decoding; distorted images at alpha0, full strength)")
-    summary["val_accuracy_gain"] = rl_val["clean"]["accuracy"] - sft_val["clean"]["accuracy"]
+    summary["val_accuracy_gain"] = (rl_val["clean"]["accuracy"] - sft_val["clean"]["accuracy"]
+                                    if sft_val is not None else math.nan)
     return "\n".join(lines), summary
 
 
@@ -46,3 +50,21 @@ def plot_training(metrics_path: Path, out_png: Path) -> Path:
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     return plot_metrics(rows, out_png)
+
+
+TRAINING_COLUMNS = ("step", "reward_clean", "reward_noisy", "accuracy", "alpha")
+
+
+def training_csv(metrics_path: Path, out_csv: Path) -> Path:
+    """The per-step curves `dvc plots` draws (reward on clean vs noisy rollouts, accuracy, alpha_t), as CSV.
+    A missing or nan value (reward_noisy with n_noisy = 0) is left empty."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+
+    def cell(value: Any) -> str:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"
+
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(TRAINING_COLUMNS)] + [",".join(cell(r.get(c)) for c in TRAINING_COLUMNS) for r in rows]
+    out_csv.write_text("\n".join(lines) + "\n")
+    return out_csv

@@ -13,7 +13,8 @@ from noisyrollout.cli import app
 TOY = [
     "data.sizes={train: 48, val: 24, test: 24, ood: 24}", "model.tiny.vocab_size=400",
     "sft.steps=4", "sft.batch_size=8", "train.steps=2", "train.prompts_per_step=2",
-    "rollout.n_clean=2", "rollout.n_noisy=2", "rollout.max_new_tokens=8", "eval.max_new_tokens=8",
+    "rollout.n_clean=2", "rollout.n_noisy=2", "rollout.max_new_tokens=8", "val.max_new_tokens=8",
+    "eval.max_new_tokens=8",
 ]
 
 
@@ -28,6 +29,7 @@ def with_overrides(*args: str, extra: tuple[str, ...] = ()) -> list[str]:
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
     return tmp_path
 
@@ -42,9 +44,20 @@ def test_embedded_pipeline_end_to_end(workdir):
     assert [m["step"] for m in metrics] == [0, 1] and metrics[0]["alpha"] == pytest.approx(0.2, rel=1e-3)
     report = json.loads((rl / "report.json").read_text())
     assert set(report) >= {"sft", "rl", "val_accuracy_gain"}
-    assert (rl / "checkpoints/step_000002/hf/config.json").exists()        # the final step is checkpointed too
-    # checkpoints of a run with other parameters are refused, in one line, before any cluster starts
-    _assert_one_line_error(invoke(*with_overrides("train", extra=("rollout.n_noisy=0",))), "other parameters")
+    (final,) = (rl / "checkpoints").glob("*/step_000002")                     # the final step is checkpointed too
+    assert (final / "hf/config.json").exists()
+    # the DAG's stages ran in this process: gate, evaluation, registry
+    assert json.loads((workdir / "reports/gate.json").read_text())["success"] is True
+    promotion = json.loads((workdir / "reports/promotion.json").read_text())
+    assert promotion["decision"] == "promoted" and promotion["champion_after"] == "1"
+    # another parameter set trains beside the first (its own checkpoint folder), never resuming the other's
+    other = invoke(*with_overrides("train", extra=("rollout.n_noisy=0", "rollout.n_clean=4")))
+    assert other.exit_code == 0, other.output
+    assert "resumed from" not in other.output
+    assert len(list((rl / "checkpoints").glob("*/step_000002"))) == 2
+    # the same parameters again: resumed at the last step, nothing retrained
+    same = invoke(*with_overrides("train"))
+    assert same.exit_code == 0 and "resumed from" in same.output and "at step 2" in same.output
 
     out = invoke(*with_overrides("eval"))
     assert out.exit_code == 0, out.output
@@ -76,16 +89,20 @@ def test_bad_training_rows_give_one_line_errors(workdir):
         "missing.jsonl": ('{"images": ["img.png"], "problem": "<image>q"}', "answer"),
     }
     for name, (line, needle) in cases.items():
-        (workdir / name).write_text(line + "\n")
-        result = invoke("train", "--params", "params.yaml", "-S", f"data.train={name}", "-S", "sft.enabled=false",
-                        "-S", "model.name_or_path=nowhere")
-        _assert_one_line_error(result, name, needle)
+        folder = workdir / Path(name).stem     # a prepared dir holding a bad train table, as if no gate had run
+        folder.mkdir()
+        (folder / "train.jsonl").write_text(line + "\n")
+        for png in ("img.png", "ok.png"):
+            (folder / png).write_bytes((workdir / png).read_bytes())
+        result = invoke("train", "--params", "params.yaml", "-S", f"data.prepared_dir={folder}", "-S", "sft.enabled=false")
+        _assert_one_line_error(result, "train.jsonl", needle)
 
 
 def test_bad_parameters_give_one_line_errors(workdir):
     _assert_one_line_error(invoke("prepare", "--params", "params.yaml", "-S", "train.nope=1"), "train.nope")
     _assert_one_line_error(invoke("prepare", "--params", "params.yaml", "-S", "rollout.n_clean=-1"), "rollout.n_clean")
     _assert_one_line_error(invoke("prepare", "--params", "missing.yaml"), "missing.yaml")
-    _assert_one_line_error(invoke("sft", "--params", "params.yaml", "-S", "model.name_or_path=nowhere"), "nowhere")
+    _assert_one_line_error(invoke("sft", "--params", "params.yaml", "-S", "model.embedded=false", "-S",
+                                  "model.name_or_path=nowhere"), "nowhere")
     _assert_one_line_error(invoke("train", "--params", "params.yaml", "-S", "rollout.engine=vllm"), "vLLM")
     _assert_one_line_error(invoke("eval", "--params", "params.yaml", "--engine", "vllm", "--model", "."), "vLLM")

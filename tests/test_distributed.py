@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def toy_params(corpus_dir, out_dir, **train) -> Params:
     return Params.model_validate({
-        "data": {"train": str(corpus_dir), "min_pixels": 3136, "max_pixels": 3136},
+        "data": {"prepared_dir": str(corpus_dir), "min_pixels": 3136, "max_pixels": 3136},
         "rollout": {"n_clean": 2, "n_noisy": 2, "max_new_tokens": 8},
         "noise": {"distortion": "crop_fill", "alpha0": 0.2},
         "train": {"prompts_per_step": 4, "steps": 3, "lr": 1e-3, "output_dir": str(out_dir), "log_every": 1, **train},

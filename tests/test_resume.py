@@ -38,7 +38,7 @@ def _metrics(run: Path) -> list[dict]:
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
-    for stage in ("prepare", "build-model", "sft"):
+    for stage in ("render-data", "prepare", "build-model", "sft"):
         assert CliRunner().invoke(app, [stage, *_flags()], catch_exceptions=False).exit_code == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -48,7 +48,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     victim = subprocess.Popen(_train_cmd("runs/part"), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while not (tmp_path / "runs/part/checkpoints/step_000002").exists():
+    while not list((tmp_path / "runs/part/checkpoints").glob("*/step_000002")):
         assert victim.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)          # the driver and everything it started, mid-training

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 # Knobs that may change between a run and its resumption; every other parameter must match.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.output_dir", "checkpoint", "tracking", "eval",
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.output_dir", "checkpoint", "tracking", "eval", "val", "gate",
+                     "registry", "reports_dir",
                      "cluster.address", "cluster.dashboard")
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")

@@ -133,10 +133,12 @@ def train_distributed(params: Params, init_dir: Path, *, progress: bool = True, 
         raise NoisyRolloutError(f"train.prompts_per_step ({cfg.prompts_per_step}) must be at least "
                                 f"cluster.num_learners ({params.cluster.num_learners}): learners take whole prompts")
     out_dir = Path(cfg.output_dir)
-    ckpt_root = out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
     fingerprint = checkpoint.params_fingerprint(params.model_dump(mode="json"))
+    # one folder per parameter set: a sweep or a changed knob (dvc repro) starts fresh beside the old checkpoints
+    # instead of mixing them in, and switching back resumes the old set
+    ckpt_root = out_dir / "checkpoints" / fingerprint[:12]
     resume_from = _resume_point(params, ckpt_root, fingerprint)   # checked before any cluster starts
     started = start_ray(params)
     tracker = None
@@ -174,13 +176,15 @@ def train_distributed(params: Params, init_dir: Path, *, progress: bool = True, 
                 checkpoint.commit(tmp, state, params.checkpoint.keep_last)
         model_dir = out_dir / "model"
         group.call_one(0, "save_hf", str(model_dir))
+        run_id = None
         if tracker is not None:
             from noisyrollout.tracking import plot_metrics
 
             tracker.log_figure_png(plot_metrics(history, out_dir / "training.png"))
             tracker.log_artifact_dir(model_dir, "model")
             tracker.finish()
-        return RLResult(model_dir=model_dir, metrics=[StepMetrics(**m) for m in history])
+            run_id = tracker.run_id
+        return RLResult(model_dir=model_dir, metrics=[StepMetrics(**m) for m in history], run_id=run_id)
     except BaseException:
         if tracker is not None:
             tracker.finish("FAILED")

@@ -101,7 +101,7 @@ class Learner:
                                                     config=deepspeed_config(params))
         self.optimizer = DeepSpeedOptimizer(self.engine)
         self.rollout_engine = self._rollout_engine()
-        self.records = load_records(params.data.train, params.data.train_split, min_pixels=params.data.min_pixels,
+        self.records = load_records(str(params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,
                                     max_pixels=params.data.max_pixels)
         return len(self.records)
 

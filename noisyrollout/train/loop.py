@@ -41,6 +41,7 @@ def seed_everything(seed: int) -> torch.Generator:
 class RLResult:
     model_dir: Path
     metrics: list[StepMetrics]
+    run_id: str | None = None   # the MLflow run that tracked the training, if any
 
 
 def train_rl(params: Params, examples: Sequence[dict], init_dir: Path, *, progress: bool = True,

@@ -1,0 +1,431 @@
+"""The MLflow model registry stages: `register` a trained policy as a new version (alias `challenger`), and
+`promote` it to `champion` only when it beats the current champion on an evaluation metric by a margin.
+
+Everything the promotion rule needs lives in the registry itself, on the model versions:
+
+* `eval.<metric>` version tags (e.g. `eval.mean_accuracy`, `eval.embedded_test.accuracy`), written by `register`
+  from the `evaluate` stage's metrics as `repr(float)`;
+* the aliases `challenger` (the newest registered version) and `champion` (the version to serve; load it with
+  `mlflow.artifacts.download_artifacts("models:/<name>@champion")`);
+* every promotion decision, promoted or refused, as `promotion.*` tags on the candidate version (decision, reason,
+  compared_to, metric, time), so the history can be read back from the versions.
+
+MLflow is imported inside the functions (its import takes seconds). Every MLflow or connection failure surfaces
+as one `NoisyRolloutError` line naming the tracking URI (with any user:password part of it masked). Nothing from
+the environment is logged, and tag names that look like credentials are dropped (`is_secret_key`).
+
+MLflow 3.17 notes: `search_model_versions` returns versions with empty `aliases` (read them from the registered
+model, whose `aliases` map values are ints); `download_artifacts(..., tracking_uri=...)` does not set the registry
+URI for a `models:/` URI (pass `registry_uri=` too, or set MLFLOW_TRACKING_URI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from noisyrollout.errors import NoisyRolloutError
+from noisyrollout.tracking import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, Tracker, is_secret_key
+from noisyrollout.tracking import tracking_uri as default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+EVAL_PREFIX = "eval."
+HEALTH_TIMEOUT_S = 5.0
+PROMOTION_TAGS = ("promotion.decision", "promotion.reason", "promotion.compared_to", "promotion.metric",
+                  "promotion.time")
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+def _safe_uri(uri: str) -> str:
+    """The URI with any `user:password@` part masked (for messages)."""
+    return re.sub(r"(?<=://)[^/@]+@", "***@", str(uri))
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _resolve(uri: str | None) -> str:
+    return uri or default_tracking_uri()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI, resolved against the cwd (None for in-memory databases)."""
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _mlflow_errors(uri: str, what: str) -> Iterator[None]:
+    """MLflow / connection / database errors as one NoisyRolloutError line naming the tracking URI."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except NoisyRolloutError:
+        raise
+    except (MlflowException, OSError, ConnectionError) as e:
+        raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: {what} failed: {_first_line(e)}") from e
+    except Exception as e:   # sqlalchemy / requests errors MLflow lets through
+        mod = type(e).__module__ or ""
+        if mod.startswith(("sqlalchemy", "requests", "urllib3", "sqlite3")):
+            raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: {what} failed: {_first_line(e)}") from e
+        raise
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    with _mlflow_errors(uri, "connect"):
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _not_found(e: BaseException) -> bool:
+    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _registered_model(client, name: str, uri: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with _mlflow_errors(uri, f"reading registered model {name!r}"):
+            return client.get_registered_model(name)
+    except NoisyRolloutError as e:
+        if isinstance(e.__cause__, MlflowException) and _not_found(e.__cause__):
+            raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: no registered model {name!r} "
+                                    f"(run the register stage first)") from None
+        raise
+
+
+def _aliases(registered_model) -> dict[str, str]:
+    """alias -> version (as a string: MLflow 3.17 returns ints here)."""
+    return {str(a): str(v) for a, v in (registered_model.aliases or {}).items()}
+
+
+def _float_or_none(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten_metrics(value, name))
+            continue
+        v = _float_or_none(value)
+        if v is None:
+            log.warning("registry: eval metric %s=%r is not a finite number; not tagged", name, value)
+            continue
+        out[name] = v
+    return out
+
+
+def _require_store_file(uri: str) -> None:
+    """For reading stages: a sqlite store whose file does not exist holds nothing (and MLflow would create it)."""
+    if uri.startswith("sqlite:///"):
+        db = _sqlite_file(uri)
+        if db is not None and not db.is_file():
+            raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: no database file {db} "
+                                    f"(nothing registered yet; run the register stage first)")
+
+
+# -- check_store -------------------------------------------------------------------------------------------------
+
+def check_store(uri: str) -> None:
+    """Raise NoisyRolloutError (one line naming the URI) when the tracking store cannot be reached.
+
+    sqlite: the database file's folder must exist and be writable (and an existing file must be a SQLite
+    database); http(s): `GET <uri>/health` must answer 200 within ~5 s (no MLflow retry loop); other schemes: one
+    `search_registered_models(max_results=1)` call."""
+    safe = _safe_uri(uri)
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:///"):
+            raise NoisyRolloutError(f"MLflow store {safe}: not a sqlite:///<path> URI")
+        db = _sqlite_file(uri)
+        if db is None:
+            return   # in-memory
+        if not db.parent.is_dir():
+            raise NoisyRolloutError(f"MLflow store {safe}: folder {db.parent} does not exist")
+        if not os.access(db.parent, os.W_OK | os.X_OK):
+            raise NoisyRolloutError(f"MLflow store {safe}: folder {db.parent} is not writable")
+        if db.exists():
+            if not db.is_file() or not os.access(db, os.R_OK | os.W_OK):
+                raise NoisyRolloutError(f"MLflow store {safe}: {db} is not a readable and writable file")
+            with db.open("rb") as f:
+                head = f.read(16)
+            if head and head != b"SQLite format 3\x00":
+                raise NoisyRolloutError(f"MLflow store {safe}: {db} is not a SQLite database")
+        return
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        parts = urllib.parse.urlsplit(uri)
+        netloc = parts.netloc.rsplit("@", 1)[-1]   # no credentials in the request line
+        health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+        try:
+            with urllib.request.urlopen(urllib.request.Request(health, method="GET"),
+                                        timeout=HEALTH_TIMEOUT_S) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as e:
+            raise NoisyRolloutError(f"MLflow store {safe}: GET /health answered HTTP {e.code}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise NoisyRolloutError(f"MLflow store {safe}: not reachable ({_first_line(reason)})") from None
+        if status != 200:
+            raise NoisyRolloutError(f"MLflow store {safe}: GET /health answered HTTP {status}")
+        return
+    client = _client(uri)
+    with _mlflow_errors(uri, "listing registered models"):
+        client.search_registered_models(max_results=1)
+
+
+# -- register ----------------------------------------------------------------------------------------------------
+
+def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str, eval_metrics: dict[str, float],
+             tags: dict[str, str], description: str, tracking_uri: str | None = None,
+             artifact_root: Path | None = None) -> dict:
+    """A new version of registered model `name` (created if absent), alias `challenger`.
+
+    Source: `runs:/<run_id>/model` when `run_id` is given and that run has artifacts under "model"; otherwise a
+    new run in `experiment` (artifacts under `artifact_root`, as `Tracker` does) with `model_dir` logged as
+    "model". Version tags: `tags` (secret-looking names dropped) plus `eval.<key>` = repr(float) per eval metric.
+    Description: `description` (the model card).
+
+    Returns {"name", "version", "run_id", "source", "aliases", "tags"}."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    uri = _resolve(tracking_uri)
+    if uri.startswith("sqlite:///") and (db := _sqlite_file(uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)   # as Tracker does
+    check_store(uri)
+    client = _client(uri)
+
+    version_tags: dict[str, str] = {}
+    for key, value in (tags or {}).items():
+        key = str(key)
+        if is_secret_key(key):
+            continue
+        if len(key) > MAX_KEY_LENGTH:
+            log.warning("registry: tag name longer than %d characters skipped: %s...", MAX_KEY_LENGTH, key[:60])
+            continue
+        version_tags[key] = str(value)[:MAX_TAG_VALUE_LENGTH]
+    metrics = _flatten_metrics(eval_metrics or {})
+    for key, value in metrics.items():
+        version_tags[f"{EVAL_PREFIX}{key}"[:MAX_KEY_LENGTH]] = repr(float(value))
+
+    source_run = None
+    if run_id:
+        with _mlflow_errors(uri, f"reading run {run_id}"):
+            try:
+                client.get_run(run_id)
+            except MlflowException as e:
+                if not _not_found(e):
+                    raise
+                raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: no run {run_id}") from None
+            if client.list_artifacts(run_id, MODEL_ARTIFACT):
+                source_run = run_id
+            else:
+                log.warning("registry: run %s has no %r artifacts; logging %s in a new run", run_id,
+                            MODEL_ARTIFACT, model_dir)
+
+    if source_run is None:
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir() or not any(model_dir.iterdir()):
+            raise NoisyRolloutError(f"{model_dir}: no model folder to register")
+        with _mlflow_errors(uri, f"logging {model_dir} as a new run in experiment {experiment!r}"):
+            with Tracker(experiment, run_name=f"register-{name}", tracking_uri=uri,
+                         artifact_root=artifact_root) as tr:
+                run_tags = {"noisyrollout.stage": "register", "noisyrollout.registered_model": name}
+                if run_id:
+                    run_tags["noisyrollout.training_run_id"] = run_id
+                tr.set_tags(run_tags)
+                if metrics:
+                    tr.log_metrics({f"{EVAL_PREFIX}{k}": v for k, v in metrics.items()}, step=0)
+                tr.log_artifact_dir(model_dir, MODEL_ARTIFACT)
+            source_run = tr.run_id
+
+    source = f"runs:/{source_run}/{MODEL_ARTIFACT}"
+    with _mlflow_errors(uri, f"registering {name!r} from {source}"):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        mv = client.create_model_version(name, source=source, run_id=source_run, tags=version_tags,
+                                         description=description)
+        version = str(mv.version)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        mv = client.get_model_version(name, version)
+    log.info("registry: %s version %s (alias %s) from %s", name, version, CHALLENGER, source)
+    return {"name": name, "version": version, "run_id": source_run, "source": mv.source,
+            "aliases": sorted(str(a) for a in (mv.aliases or [])), "tags": dict(mv.tags or {})}
+
+
+# -- promote -----------------------------------------------------------------------------------------------------
+
+def _decide(metric: str, margin: float, candidate: str, champion: str | None, cand_value: float | None,
+            champ_value: float | None, cand_raw: str | None, champ_raw: str | None) -> tuple[bool, str]:
+    tag = f"{EVAL_PREFIX}{metric}"
+    if cand_raw is None:
+        return False, f"not evaluated: no {tag} tag"
+    if cand_value is None:
+        return False, f"not evaluated: {tag} tag is not a finite number ({cand_raw!r})"
+    if champion is None:
+        return True, "no champion yet"
+    if champion == candidate:
+        return False, "already champion"
+    if champ_value is None:
+        why = "has no" if champ_raw is None else f"has a non-numeric ({champ_raw!r})"
+        return True, f"champion v{champion} {why} {tag} tag; {metric} {cand_value:.4f}"
+    delta = cand_value - champ_value
+    head = f"{metric} {cand_value:.4f} vs champion v{champion} {champ_value:.4f}: {delta:+.4f}"
+    if delta <= 0:
+        return False, f"{head} not better"
+    if delta >= margin:
+        return True, f"{head} >= margin {margin:.4f}"
+    return False, f"{head} < margin {margin:.4f}"
+
+
+def promote(*, name: str, metric: str = "mean_accuracy", margin: float = 0.0, version: str | None = None,
+            tracking_uri: str | None = None) -> dict:
+    """Decide whether the candidate (`version`, else the `challenger`) takes the `champion` alias.
+
+    Never an unevaluated version (no `eval.<metric>` tag); with no champion yet: promoted; otherwise promoted iff
+    candidate - champion > 0 and >= margin (a champion with no metric tag loses). Every decision is recorded on
+    the candidate version as promotion.* tags.
+
+    Returns {"name", "candidate", "champion_before", "champion_after", "decision", "reason", "metric",
+    "candidate_value", "champion_value", "margin"}."""
+    from mlflow.exceptions import MlflowException
+
+    margin = float(margin)
+    if not math.isfinite(margin) or margin < 0:
+        raise NoisyRolloutError(f"promote: margin must be a finite number >= 0, not {margin}")
+    uri = _resolve(tracking_uri)
+    check_store(uri)
+    _require_store_file(uri)
+    client = _client(uri)
+    rm = _registered_model(client, name, uri)
+    aliases = _aliases(rm)
+    candidate = str(version) if version is not None else aliases.get(CHALLENGER)
+    if candidate is None:
+        raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: model {name!r} has no {CHALLENGER!r} alias "
+                                f"and no version was given: nothing to promote")
+    champion = aliases.get(CHAMPION)
+    tag = f"{EVAL_PREFIX}{metric}"
+
+    with _mlflow_errors(uri, f"reading {name!r} versions"):
+        try:
+            cand_mv = client.get_model_version(name, candidate)
+        except MlflowException as e:
+            if not _not_found(e):
+                raise
+            raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: model {name!r} has no version "
+                                    f"{candidate}") from None
+        champ_mv = client.get_model_version(name, champion) if champion is not None else None
+    cand_raw = (cand_mv.tags or {}).get(tag)
+    champ_raw = (champ_mv.tags or {}).get(tag) if champ_mv is not None else None
+    cand_value, champ_value = _float_or_none(cand_raw), _float_or_none(champ_raw)
+
+    promoted, reason = _decide(metric, margin, candidate, champion, cand_value, champ_value, cand_raw, champ_raw)
+    decision = "promoted" if promoted else "refused"
+    with _mlflow_errors(uri, f"recording the promotion decision on {name!r} v{candidate}"):
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, candidate)   # moves it off the old champion
+        record = {"promotion.decision": decision, "promotion.reason": reason[:MAX_TAG_VALUE_LENGTH],
+                  "promotion.compared_to": champion if champion is not None else "none",
+                  "promotion.metric": metric,
+                  "promotion.time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        for key, value in record.items():
+            client.set_model_version_tag(name, candidate, key, value)
+    log.info("registry: %s v%s %s: %s", name, candidate, decision, reason)
+    return {"name": name, "candidate": candidate, "champion_before": champion,
+            "champion_after": candidate if promoted else champion, "decision": decision, "reason": reason,
+            "metric": metric, "candidate_value": cand_value, "champion_value": champ_value, "margin": margin}
+
+
+# -- state -------------------------------------------------------------------------------------------------------
+
+def registry_state(*, name: str, tracking_uri: str | None = None) -> dict:
+    """{"name", "champion", "challenger", "versions": [{"version", "aliases", "eval.<metric>": float, ...,
+    "promotion.decision", "promotion.reason"}, ...]} with the newest version first."""
+    uri = _resolve(tracking_uri)
+    check_store(uri)
+    _require_store_file(uri)
+    client = _client(uri)
+    aliases = _aliases(_registered_model(client, name, uri))
+    by_version: dict[str, list[str]] = {}
+    for alias, v in sorted(aliases.items()):
+        by_version.setdefault(v, []).append(alias)
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    with _mlflow_errors(uri, f"listing {name!r} versions"):
+        found = client.search_model_versions(f"name = '{escaped}'")
+    versions = []
+    for mv in sorted(found, key=lambda m: int(m.version), reverse=True):
+        tags = mv.tags or {}
+        row: dict[str, Any] = {"version": str(mv.version), "aliases": by_version.get(str(mv.version), [])}
+        for key, value in sorted(tags.items()):
+            if key.startswith(EVAL_PREFIX):
+                v = _float_or_none(value)
+                row[key] = v if v is not None else value
+        row["promotion.decision"] = tags.get("promotion.decision")
+        row["promotion.reason"] = tags.get("promotion.reason")
+        versions.append(row)
+    return {"name": name, "champion": aliases.get(CHAMPION), "challenger": aliases.get(CHALLENGER),
+            "versions": versions}
+
+
+def format_state(state: dict, decision: dict | None = None, *, limit: int = 5) -> str:
+    """A few human lines: who holds champion / challenger, the last decision and why, the newest versions."""
+    name = state.get("name", "?")
+    champ, chall = state.get("champion"), state.get("challenger")
+    lines = [f"registry {name}: champion {'v' + champ if champ else 'none'}, "
+             f"challenger {'v' + chall if chall else 'none'}"]
+    if decision:
+        cand = decision.get("candidate")
+        before, after = decision.get("champion_before"), decision.get("champion_after")
+        if decision.get("decision") == "promoted":
+            moved = f"champion moved {'v' + before if before else 'none'} -> v{after}"
+        else:
+            moved = f"champion stays {'v' + before if before else 'none'}"
+        lines.append(f"decision: v{cand} {decision.get('decision', '?')} ({decision.get('reason', '')}); {moved}")
+    metric = (decision or {}).get("metric")
+    for row in state.get("versions", [])[:limit]:
+        flag = f" [{', '.join(row['aliases'])}]" if row.get("aliases") else ""
+        evals = {k: v for k, v in row.items() if k.startswith(EVAL_PREFIX)}
+        if metric and f"{EVAL_PREFIX}{metric}" in evals:
+            shown = {f"{EVAL_PREFIX}{metric}": evals[f"{EVAL_PREFIX}{metric}"]}
+        else:
+            shown = {k: v for k, v in evals.items() if k == "eval.mean_accuracy"} or dict(list(evals.items())[:1])
+        vals = ", ".join(f"{k.removeprefix(EVAL_PREFIX)} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in shown.items()) or "not evaluated"
+        dec = row.get("promotion.decision")
+        why = f"; {dec}: {row.get('promotion.reason')}" if dec else ""
+        lines.append(f"  v{row['version']}{flag}: {vals}{why}")
+    if len(state.get("versions", [])) > limit:
+        lines.append(f"  ... {len(state['versions']) - limit} older version(s)")
+    return "\n".join(lines)
