@@ -56,6 +56,9 @@ def prepare(params: Params, log: Log = print) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for split, (source, source_split) in params.data.sources().items():
+        if Path(source).parts[:1] == ("data",) and not Path(source).exists():
+            raise DataError(f"{source}: missing (data/ is versioned by data.dvc); restore it with "
+                            f"`noisyrollout restore-data` (renders the embedded corpus) or `dvc pull data.dvc`")
         ds = load_examples(source, split=source_split, validate=False)
         if "id" not in ds.column_names:
             ds = ds.add_column("id", [f"{split}-{i:06d}" for i in range(len(ds))])
@@ -197,6 +200,11 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
     """NoisyRollout RL from the SFT policy (or the base one when SFT is off); saves to `train.output_dir`, validates,
     and writes the before/after report."""
     require_valid_data(params)
+    if params.tracking.enabled:
+        from noisyrollout.tracking import tracking_uri
+        from pipelines.registry import check_store
+
+        check_store(tracking_uri())   # an unreachable store fails here, in one line, not after training
     set_threads(params)
     init = policy_init_dir(params)
 

@@ -106,3 +106,46 @@ def test_bad_parameters_give_one_line_errors(workdir):
                                   "model.name_or_path=nowhere"), "nowhere")
     _assert_one_line_error(invoke("train", "--params", "params.yaml", "-S", "rollout.engine=vllm"), "vLLM")
     _assert_one_line_error(invoke("eval", "--params", "params.yaml", "--engine", "vllm", "--model", "."), "vLLM")
+
+
+def test_pipeline_inputs_give_one_line_errors(workdir, monkeypatch):
+    # a missing data.dvc target says how to restore it
+    _assert_one_line_error(invoke("prepare", "--params", "params.yaml"), "data/corpus: missing", "restore-data")
+    # an MLflow store that cannot be reached is named, before any training or registration
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    _assert_one_line_error(invoke("train", "--params", "params.yaml"), "http://127.0.0.1:9")
+    (workdir / "runs/embedded/rl/model").mkdir(parents=True)
+    (workdir / "runs/embedded/rl/model/config.json").write_text("{}")
+    _assert_one_line_error(invoke("register", "--params", "params.yaml"), "http://127.0.0.1:9")
+    _assert_one_line_error(invoke("promote", "--params", "params.yaml"), "http://127.0.0.1:9")
+
+
+def test_gpu_recipe_stages_become_noops_and_the_recipe_merges_into_params(workdir):
+    recipe = Path(__file__).parents[1] / "recipes/gpu-7b.yaml"
+    result = invoke("use-recipe", str(recipe), "--params", "params.yaml")
+    assert result.exit_code == 0, result.output
+    text = (workdir / "params.yaml").read_text()
+    assert "name_or_path: Qwen/Qwen2.5-VL-7B-Instruct" in text and "# the paper freezes the vision tower" in text
+    from noisyrollout.config import load_params
+
+    merged, direct = load_params(workdir / "params.yaml"), load_params(Path(__file__).parents[1] / "params.yaml",
+                                                                       recipe=recipe)
+    assert merged == direct
+    assert invoke("build-model", "--params", "params.yaml").exit_code == 0
+    assert json.loads((workdir / "runs/gpu-7b/base/NOT_BUILT.json").read_text())["base"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert invoke("sft", "--params", "params.yaml").exit_code == 0
+    assert json.loads((workdir / "runs/gpu-7b/sft/val.json").read_text()) == {"enabled": False}
+    assert json.loads((workdir / "reports/sft.json").read_text()) == {"enabled": False}
+
+
+def test_before_after_without_sft_has_no_before_column(tmp_path):
+    from noisyrollout.report import before_after
+
+    val = {"accuracy": 0.5, "format": 1.0, "n": 4.0, "accuracy/count": 0.5}
+    (tmp_path / "m.jsonl").write_text(json.dumps({"step": 0, "reward_clean": 0.4, "reward_noisy": 0.2,
+                                                  "accuracy": 0.3}) + "\n")
+    table, summary = before_after(None, {"clean": val, "noisy": {**val, "accuracy": 0.25}}, tmp_path / "m.jsonl")
+    assert "| val accuracy (clean images) | (no SFT) | 0.500 | |" in table
+    assert "| val accuracy (distorted images) | (no SFT) | 0.250 | |" in table
+    assert summary["val_accuracy_gain"] != summary["val_accuracy_gain"]   # nan: no SFT to compare with
+    assert summary["train_reward_clean_first10"] == pytest.approx(0.4)
