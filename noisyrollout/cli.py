@@ -47,7 +47,14 @@ _stage("sft", "SFT warm start on <think>...</think> \\boxed{} targets, then vali
 _stage("train", "NoisyRollout GRPO from the SFT policy, then validate and write the before/after report.")
 _stage("report", "Print the before/after table and plot the training curves.")
 _stage("register", "Register the trained policy in the MLflow model registry (alias challenger).")
-_stage("promote", "Move the champion alias to the challenger when it beats the champion by registry.margin.")
+
+
+@app.command("promote")
+def promote_stage(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt,
+                  version: Optional[str] = typer.Option(None, help="Judge this version instead of the one `register` "
+                                                        "wrote (e.g. a sweep's winner); the same rule applies.")) -> None:
+    """Move the champion alias to the challenger when it beats the champion by registry.margin."""
+    _run("promote", params, set_, recipe, version=version)
 
 
 @app.command("evaluate")
@@ -99,6 +106,44 @@ def plots(output: Path = typer.Option(Path("reports/plots.html"), help="The self
     except (NoisyRolloutError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+@app.command("flow")
+def flow(params: Path = ParamsOpt) -> None:
+    """Run the DAG once as a Prefect flow (each task = `dvc repro --single-item <stage>`). Prefect's ephemeral mode
+    with no server unless PREFECT_API_URL is set; ends with a markdown artifact (table, evaluation, registry)."""
+    from pipelines.flow import run_once
+
+    state = run_once(Path(params).resolve().parent)
+    typer.echo(f"flow: {state}")
+    if state != "COMPLETED":
+        raise typer.Exit(1)
+
+
+@app.command("deploy")
+def deploy(params: Path = ParamsOpt,
+           name: Optional[str] = typer.Option(None, help="Deployment name (default: orchestration.deployment)."),
+           cron: Optional[str] = typer.Option(None, help="Cron schedule (default: orchestration.cron)."),
+           interval: Optional[int] = typer.Option(None, help="Interval in seconds (replaces the cron schedule).")) -> None:
+    """Serve the flow as a scheduled Prefect deployment (blocks; Ctrl-C stops it). Schedules fire only against a real
+    Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api, or Prefect
+    Cloud. One run at a time; a run where nothing changed is a no-op."""
+    from noisyrollout.config import load_params
+    from noisyrollout.errors import NoisyRolloutError
+    from pipelines.flow import serve_deployment
+
+    try:
+        cfg = load_params(params).orchestration
+    except NoisyRolloutError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    if interval is not None:
+        cron_value, interval_value = None, interval
+    else:
+        cron_value = cron or cfg.cron
+        interval_value = None if cron_value else cfg.interval_seconds
+    serve_deployment(Path(params).resolve().parent, name=name or cfg.deployment, cron=cron_value,
+                     interval_seconds=interval_value)
 
 
 @app.command("use-recipe")

@@ -221,6 +221,19 @@ class RegistryConfig(Section):
     margin: float = Field(0.005, ge=0, description="`champion` moves only when the challenger beats it by at least this much.")
 
 
+class OrchestrationConfig(Section):
+    deployment: str = Field("noisyrollout-retrain", description="Name of the Prefect deployment `noisyrollout deploy` serves.")
+    cron: str | None = Field("0 3 * * *", description="Schedule of the deployment (cron, server time zone); null to use "
+                             "`interval_seconds`.")
+    interval_seconds: int | None = Field(None, ge=1, description="Schedule as an interval in seconds (used when cron is null).")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> "OrchestrationConfig":
+        if (self.cron is None) == (self.interval_seconds is None):
+            raise ValueError("set exactly one of cron and interval_seconds")
+        return self
+
+
 class Params(Section):
     seed: int = Field(0, description="Global seed (model init, sampling, noise).")
     threads: int = Field(1, ge=1, description="torch threads per process (1 avoids oversubscription on small CPUs).")
@@ -239,6 +252,7 @@ class Params(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -415,7 +415,7 @@ def register(params: Params, log: Log = print) -> dict[str, Any]:
     return info
 
 
-def promote(params: Params, log: Log = print) -> dict[str, Any]:
+def promote(params: Params, log: Log = print, version: str | None = None) -> dict[str, Any]:
     """Move `champion` to the challenger only when its `registry.metric` beats the champion's by `registry.margin`
     (no champion yet: promote; never an unevaluated version). The decision is recorded on the version."""
     from pipelines.registry import check_store, format_state, promote as promote_version, registry_state
@@ -428,10 +428,13 @@ def promote(params: Params, log: Log = print) -> dict[str, Any]:
     uri = tracking_uri()
     check_store(uri)
     registered = Path(params.reports_dir) / "register.json"
-    version = str(json.loads(registered.read_text())["version"]) if registered.is_file() else None
+    record = version is None     # the DAG's stage judges what `register` wrote and records the decision for DVC
+    if version is None and registered.is_file():
+        version = str(json.loads(registered.read_text())["version"])
     decision = promote_version(name=params.registry.model_name, metric=params.registry.metric,
                                margin=params.registry.margin, version=version, tracking_uri=uri)
-    write_report(params, "promotion", {k: decision.get(k) for k in ("candidate", "champion_before", "champion_after",
-                                                                    "decision", "reason", "metric")})
+    if record:
+        write_report(params, "promotion", {k: decision.get(k) for k in ("candidate", "champion_before", "champion_after",
+                                                                        "decision", "reason", "metric")})
     log(format_state(registry_state(name=params.registry.model_name, tracking_uri=uri), decision))
     return decision

@@ -3,9 +3,10 @@
 Only the driver process uses this module, and nothing else in the package imports mlflow: mlflow is imported
 lazily inside the functions below (its import takes seconds).
 
-Backend: a sqlite store (`sqlite:///mlruns.db`, relative to the current directory, unless the environment
+Backend: a sqlite store (`<project root>/mlruns.db`: the current directory, or the repository when running in a
+queued DVC experiment's temporary workspace; see `project_root`), unless the environment
 variable MLFLOW_TRACKING_URI or the `tracking_uri` argument says otherwise). Artifacts go to an absolute local
-folder (default `<cwd>/mlartifacts`), set as the experiment's `artifact_location` when the experiment is
+folder (default `<project root>/mlartifacts`), set as the experiment's `artifact_location` when the experiment is
 created: with a sqlite store MLflow 3.17 would otherwise write them to `./mlruns` of whatever directory the
 process runs in.
 
@@ -38,8 +39,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"   # overridden by the MLFLOW_TRACKING_URI environment variable
-DEFAULT_ARTIFACT_DIR = "mlartifacts"           # <cwd>/mlartifacts unless artifact_root is given
+DEFAULT_ARTIFACT_DIR = "mlartifacts"           # <project root>/mlartifacts unless artifact_root is given
 
 # MLflow's limits (mlflow/utils/validation.py): param values are truncated to 6000 characters, tag values to
 # 8000, keys are at most 250; a log_batch call takes at most 100 params/tags and 1000 metrics.
@@ -57,9 +57,30 @@ _SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "
 _WORD_SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])")
 
 
+def project_root(cwd: Path | None = None) -> Path:
+    """The folder whose `mlruns.db` / `mlartifacts/` hold this project's runs: the current directory, except inside
+    a DVC experiment's temporary workspace (`<repo>/.dvc/tmp/exps/<tmp>/`, where `dvc queue` runs experiments), where
+    it is `<repo>`, so that queued experiments log and register into the repository's store instead of a folder
+    DVC deletes afterwards."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
 def tracking_uri() -> str:
-    """The MLflow tracking URI: MLFLOW_TRACKING_URI if set, else `sqlite:///mlruns.db` (relative to the cwd)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The MLflow tracking URI: MLFLOW_TRACKING_URI if set, else `sqlite:///<project root>/mlruns.db` (the current
+    directory, or the repository of a queued DVC experiment: `project_root`)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns.db'}"
+
+
+def artifact_dir(configured: Path | None = None) -> Path:
+    """Absolute artifact folder: `configured` (relative paths are taken from the project root), else
+    `<project root>/mlartifacts`."""
+    path = Path(configured) if configured is not None else Path(DEFAULT_ARTIFACT_DIR)
+    return (path if path.is_absolute() else project_root() / path).expanduser().resolve()
 
 
 _resolve_tracking_uri = tracking_uri   # Tracker's `tracking_uri` argument shadows the function's name
@@ -103,7 +124,8 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def _finite(value: Any) -> float | None:
+def finite_or_none(value: Any) -> float | None:
+    """`value` as a finite float, or None (None, bools, non-numbers, nan, inf)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -142,8 +164,7 @@ class Tracker:
         db = _sqlite_path(self.tracking_uri)
         if db is not None:
             db.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        self.artifact_root = Path(artifact_root if artifact_root is not None else Path.cwd() / DEFAULT_ARTIFACT_DIR)
-        self.artifact_root = self.artifact_root.expanduser().resolve()
+        self.artifact_root = artifact_dir(artifact_root)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._finished = False
 
@@ -240,7 +261,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(str(k), v, ts, int(step)) for k, raw in metrics.items() if (v := _finite(raw)) is not None]
+        batch = [Metric(str(k), v, ts, int(step)) for k, raw in metrics.items()
+                 if (v := finite_or_none(raw)) is not None]
         for i in range(0, len(batch), _METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[i:i + _METRICS_PER_BATCH])
 
@@ -316,7 +338,7 @@ def plot_metrics(rows: Sequence[Mapping[str, float]], out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     def col(key: str) -> list[float]:
-        return [math.nan if (v := _finite(r.get(key))) is None else v for r in rows]
+        return [math.nan if (v := finite_or_none(r.get(key))) is None else v for r in rows]
 
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -120,13 +120,9 @@ def _aliases(registered_model) -> dict[str, str]:
 
 
 def _float_or_none(value: Any) -> float | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+    from noisyrollout.tracking import finite_or_none
+
+    return finite_or_none(value)
 
 
 def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -8,81 +8,21 @@ show`; then a corrupted table that the Great Expectations gate stops before `tra
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
+
+from tests.toyrepo import make_repo, ran, run, set_params
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ORDER = ["prepare", "validate", "build_model", "sft", "train", "evaluate", "register", "promote"]
-
-TOY = {
-    "data": {"sizes": {"train": 48, "val": 24, "test": 24, "ood": 24}},
-    "model": {"tiny": {"vocab_size": 400}},
-    "sft": {"steps": 4, "batch_size": 8},
-    "rollout": {"n_clean": 2, "n_noisy": 2, "max_new_tokens": 8},
-    "train": {"steps": 2, "prompts_per_step": 2, "entropy_coef": 0.01},   # a gradient even when every reward is 0
-    "cluster": {"trainer": "local"},
-    "val": {"max_new_tokens": 8},
-    "eval": {"max_new_tokens": 8},
-}
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def run(repo: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlruns.db'}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(list(cmd), cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-def ran(result: subprocess.CompletedProcess) -> list[str]:
-    """The stages a `dvc repro` executed, in order."""
-    return re.findall(r"Running stage '([\w-]+)'", result.stdout + result.stderr)
-
-
-def set_params(repo: Path, update: dict) -> None:
-    path = repo / "params.yaml"
-    path.write_text(yaml.safe_dump(_merge(yaml.safe_load(path.read_text()), update), sort_keys=False))
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("dag")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(ROOT / name, repo / name)
-    for folder in ("noisyrollout", "pipelines", "eval"):
-        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    set_params(repo, TOY)
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "config", "user.email", "ci@example.invalid")
-    run(repo, "git", "config", "user.name", "ci")
-    run(repo, "dvc", "init", "-q")
-    run(repo, "dvc", "config", "core.analytics", "false")
-    run(repo, "noisyrollout", "render-data")
-    run(repo, "dvc", "add", "-q", "data")
-    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "/runs\n/mlruns.db\n/mlartifacts\n")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "toy pipeline")
-    return repo
+def repo(tmp_path_factory):
+    return make_repo(tmp_path_factory.mktemp("dag"))
 
 
 def test_repro_runs_every_stage_then_nothing(repo):

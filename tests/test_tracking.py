@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from noisyrollout.tracking import (DEFAULT_TRACKING_URI, Tracker, flatten_params, is_secret_key, plot_metrics,
+from noisyrollout.tracking import (Tracker, project_root, flatten_params, is_secret_key, plot_metrics,
                                    tracking_uri)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -127,7 +127,7 @@ def test_resume_appends_to_same_run(store, workdir):
 
 
 def test_tracking_uri_env_override(store, workdir, monkeypatch):
-    assert tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlruns.db"
+    assert tracking_uri() == f"sqlite:///{workdir.resolve() / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
     assert tracking_uri() == store["uri"]
     with Tracker("noisyrollout-env", artifact_root=store["artifacts"]) as tr:
@@ -155,3 +155,10 @@ def test_plot_metrics_and_report_plot_training(tmp_path):
     jsonl = tmp_path / "metrics.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in _rows(5)))
     assert plot_training(jsonl, tmp_path / "training.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_queued_dvc_experiments_log_into_the_repository_store(tmp_path):
+    workspace = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    workspace.mkdir(parents=True)
+    assert project_root(workspace) == (tmp_path / "repo").resolve()
+    assert project_root(tmp_path / "repo") == (tmp_path / "repo").resolve()

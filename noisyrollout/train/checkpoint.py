@@ -21,7 +21,7 @@ from typing import Any
 
 # Knobs that may change between a run and its resumption; every other parameter must match.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.output_dir", "checkpoint", "tracking", "eval", "val", "gate",
-                     "registry", "reports_dir",
+                     "registry", "reports_dir", "orchestration",
                      "cluster.address", "cluster.dashboard")
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
