@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import typer
 
@@ -19,17 +20,27 @@ SetOpt = typer.Option(None, "--set", "-S", help="Override a parameter, e.g. -S t
 RecipeOpt = typer.Option(None, "--recipe", help="A YAML file deep-merged over params.yaml (e.g. recipes/gpu-7b.yaml).")
 
 
-def _run(stage: str, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path], **kwargs) -> None:
-    from noisyrollout import stages
-    from noisyrollout.config import load_params
+@contextmanager
+def _user_errors(*extra: type[Exception]) -> Iterator[None]:
+    """Errors a user can act on (NoisyRolloutError, and `extra`) become one `error: ...` line and exit code 2."""
     from noisyrollout.errors import NoisyRolloutError
 
     try:
-        params = load_params(params_path, overrides, recipe)
-        getattr(stages, stage)(params, **kwargs)
-    except NoisyRolloutError as exc:
+        yield
+    except (NoisyRolloutError, *extra) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+
+
+def _run(stage: str | Callable, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path],
+         **kwargs) -> None:
+    """Load the parameters and call `stage` (a function of `noisyrollout.stages` by name, or any callable) with them."""
+    from noisyrollout import stages
+    from noisyrollout.config import load_params
+
+    with _user_errors():
+        params = load_params(params_path, overrides, recipe)
+        (getattr(stages, stage) if isinstance(stage, str) else stage)(params, **kwargs)
 
 
 def _stage(name: str, doc: str) -> Callable:
@@ -81,31 +92,31 @@ def run_all(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe
 def restore_data(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
     """Make data.dvc's folder present and verified: check it, or `dvc pull` it (with a DVC remote), or render the
     embedded corpus and check the render against data.dvc's hash (a mismatch is an error, never new data)."""
-    _call(lambda p: __import__("pipelines.data", fromlist=["restore"]).restore(p), params, set_, recipe)
+    from pipelines.data import restore
+
+    _run(restore, params, set_, recipe)
 
 
 @app.command("summary")
 def summary(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
     """What the last pipeline run produced: the before/after table, the evaluation and the registry state."""
-    _call(lambda p: __import__("pipelines.dag", fromlist=["print_summary"]).print_summary(p), params, set_, recipe)
+    from pipelines.dag import print_summary
+
+    _run(print_summary, params, set_, recipe)
 
 
 @app.command("plots")
 def plots(output: Path = typer.Option(Path("reports/plots.html"), help="The self-contained page to write."),
           screenshot: Optional[Path] = typer.Option(None, help="Also render the page in headless Chromium to this PNG.")) -> None:
     """Draw every plot of dvc.yaml (training curves, evaluation bars) into one page that renders offline."""
-    from noisyrollout.errors import NoisyRolloutError
     from pipelines.plots import render_plots_page, screenshot as shoot
 
-    try:
+    with _user_errors(FileNotFoundError):
         page = render_plots_page(Path("."), output)
         typer.echo(f"plots: {page}")
         if screenshot is not None:
             errors = shoot(page, screenshot)
             typer.echo(f"plots: screenshot {screenshot}" + (f"; console errors: {errors}" if errors else ""))
-    except (NoisyRolloutError, FileNotFoundError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command("flow")
@@ -129,14 +140,10 @@ def deploy(params: Path = ParamsOpt,
     Prefect server: `prefect server start --host 127.0.0.1` and PREFECT_API_URL=http://127.0.0.1:4200/api, or Prefect
     Cloud. One run at a time; a run where nothing changed is a no-op."""
     from noisyrollout.config import load_params
-    from noisyrollout.errors import NoisyRolloutError
     from pipelines.flow import serve_deployment
 
-    try:
+    with _user_errors():
         cfg = load_params(params).orchestration
-    except NoisyRolloutError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     if interval is not None:
         cron_value, interval_value = None, interval
     else:
@@ -152,25 +159,10 @@ def use_recipe(recipe: Path = typer.Argument(..., help="A recipe YAML, e.g. reci
     """Merge a recipe into params.yaml in place (comments kept), so `dvc repro` / `dvc exp run` run it through the
     DAG. `git checkout params.yaml` switches back."""
     from noisyrollout.config import apply_recipe
-    from noisyrollout.errors import NoisyRolloutError
 
-    try:
+    with _user_errors():
         changed = apply_recipe(params, recipe)
-    except NoisyRolloutError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
     typer.echo(f"{params}: {len(changed)} key(s) set from {recipe}: {', '.join(changed) or 'none'}")
-
-
-def _call(fn: Callable, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path]) -> None:
-    from noisyrollout.config import load_params
-    from noisyrollout.errors import NoisyRolloutError
-
-    try:
-        fn(load_params(params_path, overrides, recipe))
-    except NoisyRolloutError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command("eval")

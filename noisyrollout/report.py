@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from noisyrollout.train.metrics import MetricsLog
 
 
 def _window_mean(rows: list[dict], key: str, first: bool, k: int = 10) -> float:
@@ -29,7 +30,7 @@ def before_after(sft_val: dict | None, rl_val: dict, metrics_path: Path) -> tupl
         a = sft_val[which].get(key, math.nan) if sft_val is not None else math.nan
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |" if sft_val is not None
                      else f"| {label} | (no SFT) | {b:.3f} | |")
-    history = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    history = MetricsLog(Path(metrics_path)).read()
     lines += ["", "| training reward | first 10 steps | last 10 steps | change |", "|---|---|---|---|"]
     for label, key in (("clean rollouts", "reward_clean"), ("noisy rollouts", "reward_noisy"),
                        ("accuracy (all rollouts)", "accuracy")):
@@ -48,7 +49,7 @@ def plot_training(metrics_path: Path, out_png: Path) -> Path:
     (drawn by `noisyrollout.tracking.plot_metrics`)."""
     from noisyrollout.tracking import plot_metrics
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = MetricsLog(Path(metrics_path)).read()
     return plot_metrics(rows, out_png)
 
 
@@ -58,7 +59,7 @@ TRAINING_COLUMNS = ("step", "reward_clean", "reward_noisy", "accuracy", "alpha")
 def training_csv(metrics_path: Path, out_csv: Path) -> Path:
     """The per-step curves `dvc plots` draws (reward on clean vs noisy rollouts, accuracy, alpha_t), as CSV.
     A missing or nan value (reward_noisy with n_noisy = 0) is left empty."""
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = MetricsLog(Path(metrics_path)).read()
 
     def cell(value: Any) -> str:
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6g}"

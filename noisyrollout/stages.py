@@ -381,7 +381,7 @@ def register(params: Params, log: Log = print) -> dict[str, Any]:
     git commit, the data hashes, key parameters and the evaluation metrics, with a model card as description."""
     import os
 
-    from pipelines.registry import check_store, register as register_version
+    from pipelines.registry import register as register_version
     from noisyrollout.tracking import tracking_uri
 
     if not params.registry.enabled:
@@ -395,7 +395,6 @@ def register(params: Params, log: Log = print) -> dict[str, Any]:
     metrics = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
     run_id = json.loads((rl_dir / "val.json").read_text()).get("mlflow_run_id") if (rl_dir / "val.json").is_file() else None
     uri = tracking_uri()
-    check_store(uri)
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     hashes = _data_hashes()
@@ -418,7 +417,7 @@ def register(params: Params, log: Log = print) -> dict[str, Any]:
 def promote(params: Params, log: Log = print, version: str | None = None) -> dict[str, Any]:
     """Move `champion` to the challenger only when its `registry.metric` beats the champion's by `registry.margin`
     (no champion yet: promote; never an unevaluated version). The decision is recorded on the version."""
-    from pipelines.registry import check_store, format_state, promote as promote_version, registry_state
+    from pipelines.registry import format_state, promote as promote_version, registry_state
     from noisyrollout.tracking import tracking_uri
 
     if not params.registry.enabled:
@@ -426,7 +425,6 @@ def promote(params: Params, log: Log = print, version: str | None = None) -> dic
         log("promote: registry.enabled is false; nothing to promote")
         return {"enabled": False}
     uri = tracking_uri()
-    check_store(uri)
     registered = Path(params.reports_dir) / "register.json"
     record = version is None     # the DAG's stage judges what `register` wrote and records the decision for DVC
     if version is None and registered.is_file():

@@ -116,12 +116,12 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return out
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI (None for in-memory databases and other schemes)."""
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI, absolute (None for in-memory databases and other schemes)."""
     if not uri.startswith("sqlite:///"):
         return None
     path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
+    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -161,9 +161,9 @@ class Tracker:
         from mlflow.entities import RunStatus
 
         self.tracking_uri = tracking_uri or _resolve_tracking_uri()
-        db = _sqlite_path(self.tracking_uri)
+        db = sqlite_path(self.tracking_uri)
         if db is not None:
-            db.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            db.parent.mkdir(parents=True, exist_ok=True)
         self.artifact_root = artifact_dir(artifact_root)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._finished = False

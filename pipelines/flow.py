@@ -24,13 +24,12 @@ Servers bind 127.0.0.1 by default (`prefect_env`); a user's `PREFECT_API_URL` an
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Optional
 
 
 def prefect_env() -> dict[str, str]:
@@ -63,6 +62,8 @@ _apply_prefect_env()   # before prefect is imported
 import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+from pipelines.dag import summary_markdown  # noqa: E402
 
 SUMMARY_KEY = "noisyrollout-summary"
 USER_ERROR_EXIT = 2                                        # noisyrollout's exit code for errors a user can act on
@@ -174,57 +175,6 @@ def stage_task(stage: str):
     retries = dict(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=retry_if_transient) \
         if stage in RETRYING else dict(retries=0)
     return run_stage.with_options(name=stage, task_run_name=stage, **retries)
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "-" if value is None else str(value)
-
-
-def summary_markdown(repo: Path, ran: Iterable[str], restored: Iterable[str] = ()) -> str:
-    """The run's summary: stages run, the before/after table, the evaluation, the registry decision, the MLflow run."""
-    from noisyrollout.config import load_params
-
-    params = load_params(repo / "params.yaml")
-    reports = repo / params.reports_dir
-    out_dir = repo / params.train.output_dir
-    ran, restored = list(ran), list(restored)
-    parts = ["# NoisyRollout pipeline run", "",
-             "**Stages run:** " + (", ".join(f"`{s}`" for s in ran) if ran else "nothing changed: no stage ran"), ""]
-    if restored:
-        parts += ["**Restored from DVC's run cache (not rerun):** " + ", ".join(f"`{s}`" for s in restored), ""]
-
-    table = out_dir / "report.md"
-    parts += ["## Before / after (validation)", "",
-              table.read_text().rstrip() if table.is_file() else f"(no before/after table yet: `{table}`)", ""]
-
-    evaluation = _read_json(reports / "eval.json")
-    parts += ["## Evaluation (`reports/eval.json`)", ""]
-    if evaluation:
-        parts += ["| key | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in evaluation.items())]
-    else:
-        parts.append("(no evaluation yet)")
-    parts.append("")
-
-    decision = _read_json(reports / "promotion.json")
-    parts += ["## Registry decision (`reports/promotion.json`)", ""]
-    if not params.registry.enabled:
-        parts.append("registry disabled (`registry.enabled: false`)")
-    elif decision:
-        parts += ["| key | value |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in decision.items())]
-    else:
-        parts.append("(no promotion yet)")
-    parts.append("")
-
-    val = _read_json(out_dir / "val.json") or {}
-    parts += ["## MLflow", "", f"training run id: `{val.get('mlflow_run_id')}`", ""]
-    return "\n".join(parts)
 
 
 @task(name="summary", task_run_name="summary")

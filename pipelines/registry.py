@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from noisyrollout.errors import NoisyRolloutError
-from noisyrollout.tracking import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, Tracker, is_secret_key
-from noisyrollout.tracking import tracking_uri as default_tracking_uri
+from noisyrollout.tracking import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, Tracker, finite_or_none, is_secret_key
+from noisyrollout.tracking import sqlite_path, tracking_uri as default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 def _resolve(uri: str | None) -> str:
     return uri or default_tracking_uri()
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI, resolved against the cwd (None for in-memory databases)."""
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
 
 
 @contextlib.contextmanager
@@ -119,12 +113,6 @@ def _aliases(registered_model) -> dict[str, str]:
     return {str(a): str(v) for a, v in (registered_model.aliases or {}).items()}
 
 
-def _float_or_none(value: Any) -> float | None:
-    from noisyrollout.tracking import finite_or_none
-
-    return finite_or_none(value)
-
-
 def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -132,7 +120,7 @@ def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, 
         if isinstance(value, Mapping):
             out.update(_flatten_metrics(value, name))
             continue
-        v = _float_or_none(value)
+        v = finite_or_none(value)
         if v is None:
             log.warning("registry: eval metric %s=%r is not a finite number; not tagged", name, value)
             continue
@@ -143,7 +131,7 @@ def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, 
 def _require_store_file(uri: str) -> None:
     """For reading stages: a sqlite store whose file does not exist holds nothing (and MLflow would create it)."""
     if uri.startswith("sqlite:///"):
-        db = _sqlite_file(uri)
+        db = sqlite_path(uri)
         if db is not None and not db.is_file():
             raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: no database file {db} "
                                     f"(nothing registered yet; run the register stage first)")
@@ -161,7 +149,7 @@ def check_store(uri: str) -> None:
     if uri.startswith("sqlite:"):
         if not uri.startswith("sqlite:///"):
             raise NoisyRolloutError(f"MLflow store {safe}: not a sqlite:///<path> URI")
-        db = _sqlite_file(uri)
+        db = sqlite_path(uri)
         if db is None:
             return   # in-memory
         if not db.parent.is_dir():
@@ -215,7 +203,7 @@ def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str,
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
     uri = _resolve(tracking_uri)
-    if uri.startswith("sqlite:///") and (db := _sqlite_file(uri)) is not None:
+    if uri.startswith("sqlite:///") and (db := sqlite_path(uri)) is not None:
         db.parent.mkdir(parents=True, exist_ok=True)   # as Tracker does
     check_store(uri)
     client = _client(uri)
@@ -345,7 +333,7 @@ def promote(*, name: str, metric: str = "mean_accuracy", margin: float = 0.0, ve
         champ_mv = client.get_model_version(name, champion) if champion is not None else None
     cand_raw = (cand_mv.tags or {}).get(tag)
     champ_raw = (champ_mv.tags or {}).get(tag) if champ_mv is not None else None
-    cand_value, champ_value = _float_or_none(cand_raw), _float_or_none(champ_raw)
+    cand_value, champ_value = finite_or_none(cand_raw), finite_or_none(champ_raw)
 
     promoted, reason = _decide(metric, margin, candidate, champion, cand_value, champ_value, cand_raw, champ_raw)
     decision = "promoted" if promoted else "refused"
@@ -386,7 +374,7 @@ def registry_state(*, name: str, tracking_uri: str | None = None) -> dict:
         row: dict[str, Any] = {"version": str(mv.version), "aliases": by_version.get(str(mv.version), [])}
         for key, value in sorted(tags.items()):
             if key.startswith(EVAL_PREFIX):
-                v = _float_or_none(value)
+                v = finite_or_none(value)
                 row[key] = v if v is not None else value
         row["promotion.decision"] = tags.get("promotion.decision")
         row["promotion.reason"] = tags.get("promotion.reason")
