@@ -12,10 +12,13 @@ Configuration comes from the environment (`Judge.from_env`):
     NOISYROLLOUT_JUDGE_API_KEY    sent as a Bearer token; optional for a local server
     NOISYROLLOUT_JUDGE_CACHE_DIR  on-disk cache (default ~/.cache/noisyrollout/judge)
 
-Requests are retried (HTTP 429/5xx, connection errors, timeouts) with exponential back-off and run
-on a bounded thread pool. Every answer is cached on disk under a hash of (model, messages), so a
-re-run or a re-grade of the same predictions makes no request. The API key is held only in memory:
-it is never part of `describe()`, the cache, a log line or an exception message.
+Requests run on a bounded thread pool sharing one `httpx.Client`. Transient failures (connection
+errors, timeouts, a reply cut off mid-body, HTTP 429 and 5xx) are retried by tenacity with
+exponential back-off, waiting at least a 429/503 reply's `Retry-After` seconds (both capped at
+`max_wait_s`); any other HTTP error or a malformed reply fails at once. Every answer is cached on
+disk under a hash of (model, messages), so a re-run or a re-grade of the same predictions makes no
+request. The API key is held only in memory: it is never part of `describe()`, the cache, a log line
+or an exception message.
 """
 
 from __future__ import annotations
@@ -23,17 +26,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import random
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import httpx
+import tenacity
 from tqdm import tqdm
 
 log = logging.getLogger("noisyrollout.eval")
@@ -72,6 +74,19 @@ class JudgeError(Exception):
     """A judge request failed for good (after retries); the message never contains the key."""
 
 
+class _RetryableStatus(Exception):
+    """An HTTP 429/5xx reply: retried, after at least `retry_after` seconds when the server gave one."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# Worth another attempt: the server was busy or failing, or the connection broke (refused, reset, timed out, or a
+# reply cut off mid-body). Not: a bad URL scheme, a proxy misconfiguration, a request httpx refuses to send.
+_TRANSIENT = (_RetryableStatus, httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
 @dataclass
 class Judge:
     """An OpenAI-compatible chat endpoint used to pull the final answer out of a response."""
@@ -84,9 +99,11 @@ class Judge:
     max_retries: int = 3
     timeout_s: float = 60.0
     backoff_s: float = 1.0
+    max_wait_s: float = 60.0
     max_response_chars: int = 12000
     stats: JudgeStats = field(default_factory=JudgeStats)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _client: httpx.Client | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -137,33 +154,63 @@ class Judge:
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
+    def _http(self) -> httpx.Client:
+        """The shared HTTP client (thread-safe), opened on first use."""
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(timeout=self.timeout_s)
+            return self._client
+
+    def close(self) -> None:
+        """Close the HTTP client's connections (a later request opens a new client)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        """Seconds before the next attempt: exponential back-off with jitter, at least a given Retry-After."""
+        backoff = tenacity.wait_exponential_jitter(initial=self.backoff_s, max=self.max_wait_s,
+                                                   jitter=0.25 * self.backoff_s)(state)
+        exc = state.outcome.exception() if state.outcome is not None else None
+        retry_after = exc.retry_after if isinstance(exc, _RetryableStatus) else None
+        return min(self.max_wait_s, max(backoff, retry_after or 0.0))
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        """Count a retry; say why and how long it waits at debug level."""
+        self._count("retries")
+        if state.outcome is not None and state.next_action is not None:
+            log.debug("judge: %s; attempt %d failed, retrying in %.1fs", _describe(state.outcome.exception(),
+                      state.args[0]), state.attempt_number, state.next_action.sleep)
+
+    def _attempt(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> str:
+        """One POST; the reply's text. Raises a `_TRANSIENT` error to retry, `JudgeError` to stop."""
+        self._count("http_calls")
+        reply = self._http().post(url, json=payload, headers=headers)
+        if reply.status_code == 429 or reply.status_code >= 500:
+            retry_after = _retry_after(reply) if reply.status_code in (429, 503) else None
+            raise _RetryableStatus(f"HTTP {reply.status_code} from {url}", retry_after)
+        if not reply.is_success:
+            raise JudgeError(f"HTTP {reply.status_code} from {url}")  # a client error will not improve on retry
+        try:
+            return str(reply.json()["choices"][0]["message"]["content"] or "")
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise JudgeError(f"malformed reply from {url}") from None
+
     def _post(self, messages: list[dict[str, str]]) -> str:
         """POST /chat/completions with retries; the reply's text. Raises `JudgeError`."""
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 64})
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        payload = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 64}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         url = f"{self.base_url}/chat/completions"
-        last = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count("retries")
-                time.sleep(self.backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random()))
-            self._count("http_calls")
-            request = urllib.request.Request(url, data=body.encode("utf-8"), headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-                    payload = json.loads(reply.read().decode("utf-8"))
-                return str(payload["choices"][0]["message"]["content"] or "")
-            except urllib.error.HTTPError as exc:
-                last = f"HTTP {exc.code} from {url}"
-                if exc.code != 429 and exc.code < 500:
-                    break  # a client error will not improve on retry
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-                last = f"{type(exc).__name__} contacting {url}"
-            except (ValueError, KeyError, IndexError, TypeError):
-                last = f"malformed reply from {url}"
-        raise JudgeError(last)
+        attempts = self.max_retries + 1
+        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts), wait=self._wait,
+                                     retry=tenacity.retry_if_exception_type(_TRANSIENT),
+                                     before_sleep=self._before_sleep, reraise=True)
+        try:
+            return retrying(self._attempt, url, payload, headers)
+        except _TRANSIENT as exc:
+            # `from None`: the httpx error carries the request, Authorization header included
+            raise JudgeError(f"{_describe(exc, url)}; gave up after {attempts} attempt(s)") from None
 
     def extract(self, request: JudgeRequest) -> str | None:
         """The judge's extracted answer (None for NONE). Cached; raises `JudgeError` on failure."""
@@ -205,6 +252,22 @@ class Judge:
             return []
         with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
             return list(tqdm(pool.map(one, requests), total=len(requests), desc=desc, disable=not progress))
+
+
+def _describe(exc: BaseException | None, url: str) -> str:
+    """A failed attempt in one line: the HTTP status, or the kind of connection failure (never a header)."""
+    if isinstance(exc, _RetryableStatus):
+        return str(exc)
+    return f"{type(exc).__name__} contacting {url}"
+
+
+def _retry_after(reply: httpx.Response) -> float | None:
+    """A reply's Retry-After in seconds (the delta-seconds form), or None when absent or unreadable."""
+    try:
+        seconds = float(reply.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _clean(content: str) -> str | None:

@@ -12,31 +12,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from eval.benchmarks import BENCHMARKS, EMBEDDED_SPLITS
+from noisyrollout.tracking import is_secret_key
 
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 SUMMARY_PNG = "summary.png"
-#: Words that mark a config key as a secret (an API key passed in by mistake, say): such entries
-#: are never written out. Matched against the key's words (`api_key`, `hf-token`, `apiKey`).
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password", "passwd", "authorization", "auth", "credential"}
-
-
-def _is_secret(key: object) -> bool:
-    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower())
-    return any(w in _SECRET_WORDS for w in words)
 
 
 def redact(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a config with secret-looking entries removed, recursively."""
+    """A copy of a config with secret-looking entries (an API key passed in by mistake, say) removed, recursively.
+
+    Names are judged by `noisyrollout.tracking.is_secret_key`, the filter MLflow params and tags go through too.
+    """
     clean: dict[str, Any] = {}
     for k, v in config.items():
-        if _is_secret(k):
+        if is_secret_key(str(k)):
             continue
         clean[k] = redact(v) if isinstance(v, Mapping) else v
     return clean

@@ -47,7 +47,7 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _pixel_range(self) -> "DataConfig":
         if self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})")
+            raise ValueError(f"data.min_pixels={self.min_pixels} must not exceed data.max_pixels={self.max_pixels}")
         return self
 
     def sources(self) -> dict[str, tuple[str, str]]:
@@ -95,7 +95,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _base_given(self) -> "ModelConfig":
         if not self.embedded and not self.name_or_path:
-            raise ValueError("name_or_path is required when model.embedded is false")
+            raise ValueError("model.name_or_path is required when model.embedded is false")
         return self
 
     @property
@@ -117,12 +117,40 @@ class SFTConfig(Section):
     output_dir: Path = Field(Path("runs/embedded/sft"), description="Where the warm-started policy is saved.")
 
 
+# anneal_coef per schedule: (default, check, what a valid value is). `exp` is 1 - coef ** (T - s): a coef above 1
+# makes it negative (and overflow on a long run), so it must lie in (0, 1).
+ANNEAL_COEFS: dict[str, tuple[float, Any, str]] = {
+    "pow": (2.0, lambda c: c > 0, "> 0"),
+    "exp": (0.9, lambda c: 0 < c < 1, "in (0, 1)"),
+    "sigmoid": (30.0, lambda c: c > 0, "> 0"),
+}
+# Largest alpha0 each distortion can use: a noise step < 1000; crop_fill a fraction of the side (> 1 blacks out all).
+ALPHA0_MAX = {"gaussian": 999.0, "rotate": 360.0, "crop_fill": 1.0}
+
+
 class NoiseConfig(Section):
     distortion: Literal["gaussian", "rotate", "crop_fill"] = Field("gaussian", description="Distortion for the noisy rollouts.")
-    alpha0: float = Field(500, ge=0, description="Initial strength: noise step (gaussian, 0-999), degrees (rotate) or side fraction (crop_fill).")
+    alpha0: float = Field(500, ge=0, description="Initial strength: noise step (gaussian, 0-999), degrees (rotate, "
+                          "0-360) or side fraction (crop_fill, 0-1).")
     anneal: Literal["none", "linear", "pow", "exp", "sigmoid"] = Field("sigmoid", description="Annealing of the strength over RL steps.")
-    anneal_coef: float = Field(30.0, description="Coefficient of the pow/exp/sigmoid schedules.")
+    anneal_coef: float | None = Field(None, description="Coefficient of the pow/exp/sigmoid schedules; null = the "
+                                      "schedule's default (pow 2, exp 0.9, sigmoid 30). Valid: pow > 0, exp in (0, 1), "
+                                      "sigmoid > 0.")
     anneal_mid_step: float = Field(40, description="Sigmoid midpoint, in steps.")
+
+    @model_validator(mode="after")
+    def _valid_strength_and_schedule(self) -> "NoiseConfig":
+        top = ALPHA0_MAX[self.distortion]
+        if self.alpha0 > top:
+            raise ValueError(f"noise.alpha0={self.alpha0:g} is out of range for {self.distortion} (at most {top:g})")
+        if self.anneal in ANNEAL_COEFS:
+            default, ok, valid = ANNEAL_COEFS[self.anneal]
+            if self.anneal_coef is None:
+                self.anneal_coef = default
+            elif not ok(self.anneal_coef):
+                raise ValueError(f"noise.anneal_coef={self.anneal_coef:g} is invalid for noise.anneal={self.anneal} "
+                                 f"(must be {valid}; null picks {default:g})")
+        return self
 
 
 class RolloutConfig(Section):
@@ -130,21 +158,26 @@ class RolloutConfig(Section):
                                           "`vllm` (GPU; pip install '.[gpu]'; weights synced after every update).")
     n_clean: int = Field(4, ge=0, description="Rollouts per prompt on the clean image.")
     n_noisy: int = Field(4, ge=0, description="Rollouts per prompt on the distorted image (0 = vanilla GRPO).")
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the training rollouts (> 0: at 0 "
+                               "every response of a group is the same, so every advantage is 0 and nothing is learned).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(24, ge=1, description="Longest response, in tokens.")
 
     @model_validator(mode="after")
     def _some_rollouts(self) -> "RolloutConfig":
         if self.n_clean + self.n_noisy < 1:
-            raise ValueError("n_clean + n_noisy must be at least 1")
+            raise ValueError("rollout.n_clean + rollout.n_noisy must be at least 1")
         return self
 
 
 class TrainConfig(Section):
     steps: int = Field(60, ge=1, description="RL steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout batch; each gets n_clean + n_noisy responses.")
-    mini_batches: int = Field(1, ge=1, description="Policy updates per rollout batch (the rollout batch is split in this many).")
+    mini_batches: int = Field(1, ge=1, description="Policy updates per rollout batch (the rollout batch is split in this "
+                              "many; each needs at least one prompt per learner).")
+    micro_batch_size: int | None = Field(None, ge=1, description="Responses per forward/backward pass (gradients "
+                                         "accumulate up to one optimizer step per mini-batch); null = a learner's whole "
+                                         "mini-batch at once. Bounds activation memory; the update is the same.")
     lr: float = Field(1e-4, gt=0, description="Learning rate (constant after warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -166,7 +199,8 @@ class ClusterConfig(Section):
     num_learners: int = Field(2, ge=1, description="Learner actors; each takes whole prompts (prompts_per_step / num_learners).")
     cpus_per_learner: int = Field(1, ge=1, description="CPUs reserved per learner (also its torch thread count).")
     gpus_per_learner: float = Field(0, ge=0, description="GPUs per learner (0 on CPU).")
-    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage of the learners.")
+    zero_stage: int = Field(2, ge=0, le=2, description="DeepSpeed ZeRO stage of the learners (0-2; stage 3 partitions "
+                            "the weights, which HF generate and save_pretrained need whole).")
     dashboard: bool = Field(False, description="Start the Ray dashboard (bound to 127.0.0.1) with a local cluster.")
 
 
@@ -254,6 +288,21 @@ class Params(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
+    @property
+    def world_size(self) -> int:
+        """Learners that share a step: `cluster.num_learners` with the Ray trainer, 1 with the local one."""
+        return self.cluster.num_learners if self.cluster.trainer == "ray" else 1
+
+    @model_validator(mode="after")
+    def _batch_fits_learners(self) -> "Params":
+        # every learner must take part in every collective step: one prompt per learner per mini-batch at least
+        need = self.world_size * self.train.mini_batches
+        if self.train.prompts_per_step < need:
+            raise ValueError(f"train.prompts_per_step={self.train.prompts_per_step} is too small: each of the "
+                             f"{self.train.mini_batches} mini-batch(es) needs a prompt for each of the {self.world_size} "
+                             f"learner(s) (cluster.num_learners), so at least {need}")
+        return self
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
@@ -296,6 +345,8 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         return Params.model_validate(tree)
     except ValidationError as exc:
         err = exc.errors()[0]
+        if err["type"] == "value_error":   # a cross-field check: its message names the keys
+            raise ConfigError(f"params: {err['msg'].removeprefix('Value error, ')}") from None
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(f"params: {where}: {err['msg']} (got {err.get('input')!r})") from None
 

@@ -161,7 +161,7 @@ def sft(params: Params, log: Log = print) -> dict[str, Any]:
     """SFT warm start of the base model; saves to `sft.output_dir` and validates. With `sft.enabled: false` nothing
     is trained (the base policy starts RL) and `sft.output_dir` only records that."""
     from noisyrollout.models.load import load_model, load_processor
-    from noisyrollout.train.loop import seed_everything
+    from noisyrollout.train.batching import seed_everything
     from noisyrollout.train.sft import run_sft
 
     out = Path(params.sft.output_dir)
@@ -214,19 +214,13 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
         from noisyrollout.rollout.vllm_engine import require_vllm
 
         require_vllm()  # fail here, in one line, before any cluster starts
-    if params.cluster.trainer == "ray":
-        from noisyrollout.data.loaders import load_examples
-        from noisyrollout.models.load import require_model
-        from noisyrollout.train.launcher import train_distributed
+    from noisyrollout.data.loaders import load_examples
+    from noisyrollout.models.load import require_model
+    from noisyrollout.train.driver import train_rl
 
-        load_examples(prepared(params), split="train")  # bad rows fail here, before any cluster
-        require_model(init)
-        result = train_distributed(params, init, log=log)
-    else:
-        from noisyrollout.train.loop import train_rl
-
-        examples = load_records(prepared(params), "train", params)
-        result = train_rl(params, examples, init, log=log)
+    load_examples(prepared(params), split="train")  # bad rows fail here, before any learner starts
+    require_model(init)
+    result = train_rl(params, init, log=log)
     val = _validate_model(result.model_dir, params, "rl val")
     summary = {"val": val, "steps": len(result.metrics), "mlflow_run_id": result.run_id}
     (Path(params.train.output_dir) / "val.json").write_text(json.dumps(summary, indent=2))

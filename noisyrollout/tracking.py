@@ -49,7 +49,9 @@ MAX_KEY_LENGTH = 250
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
 
-# A name component (split on "." then into words) is secret-looking when one of its words is one of these...
+# The project's one secret-name filter (`is_secret_key`): MLflow params and tags here, eval reports'
+# configs (`eval.report.redact`). A name component (split on "." then into words: snake_case, kebab-case,
+# camelCase) is secret-looking when one of its words is one of these...
 _SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "pwd", "passphrase", "apikey",
                            "credential", "credentials", "auth", "authorization", "cookie", "bearer"})
 # ...or when it ends with the word "key" (api_key, access_key, private_key, hf_key, key), but not when "key" is in
@@ -265,6 +267,10 @@ class Tracker:
                  if (v := finite_or_none(raw)) is not None]
         for i in range(0, len(batch), _METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[i:i + _METRICS_PER_BATCH])
+
+    def last_logged_step(self, key: str) -> int:
+        """The highest step at which `key` was logged in this run, -1 if never (a resumed run starts after it)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

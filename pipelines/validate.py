@@ -9,7 +9,7 @@ one ExpectationSuite per split, result_format COMPLETE, UpdateDataDocsAction). T
 2. answers are not null and not blank (regex ``\\S``);
 3. problems are not null and not blank;
 4. ids are not null and unique;
-5. every row has >= 1 image, every image decodes (PIL ``load()``), and the smallest / largest image of the row has
+5. every row has exactly 1 image (the trainer and the engines take one image per prompt), every image decodes (PIL ``load()``), and the smallest / largest image of the row has
    a pixel count (w*h) within ``[min_image_pixels, max_image_pixels]``;
 6. the problem holds one ``<image>`` placeholder per image.
 
@@ -223,7 +223,7 @@ def _suite(gx, name: str, columns: Sequence[str], min_pixels: int, max_pixels: i
     if "n_images" in present:
         measured = Column("min_image_pixels") >= 0     # rows whose images all decoded; the others fail above
         expectations += [
-            gxe.ExpectColumnValuesToBeBetween(column="n_images", min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column="n_images", min_value=1, max_value=1),
             gxe.ExpectColumnValuesToBeInSet(column="images_decodable", value_set=[True]),
             gxe.ExpectColumnValuesToBeBetween(column="min_image_pixels", min_value=min_pixels, max_value=max_pixels,
                                               row_condition=measured),

@@ -22,7 +22,7 @@ def test_keep_last_prunes_old_and_stale(tmp_path):
 
 
 def test_batch_order_is_a_pure_function_of_the_step():
-    from noisyrollout.train.loop import batch_indices
+    from noisyrollout.train.batching import batch_indices
 
     epoch = [i for step in range(5) for i in batch_indices(step, 4, 20, seed=7)]   # 5 steps x 4 = one epoch of 20
     assert sorted(epoch) == list(range(20))
@@ -30,12 +30,17 @@ def test_batch_order_is_a_pure_function_of_the_step():
     assert batch_indices(5, 4, 20, seed=7) != batch_indices(0, 4, 20, seed=7)       # a new shuffle next epoch
 
 
-def test_fingerprint_ignores_run_length_and_logging_but_not_the_algorithm():
+def test_fingerprint_ignores_logging_but_not_the_algorithm_or_the_run_length():
     from noisyrollout.config import Params
 
     base = Params().model_dump(mode="json")
     fp = checkpoint.params_fingerprint(base)
-    longer = Params.model_validate({"train": {"steps": 999, "output_dir": "elsewhere"}, "tracking": {"enabled": False}})
-    assert checkpoint.params_fingerprint(longer.model_dump(mode="json")) == fp
+    moved = Params.model_validate({"train": {"output_dir": "elsewhere", "log_every": 7}, "tracking": {"enabled": False}})
+    assert checkpoint.params_fingerprint(moved.model_dump(mode="json")) == fp
+    # the schedules are functions of step / train.steps: a longer run is another run
+    longer = Params.model_validate({"train": {"steps": 999}}).model_dump(mode="json")
+    assert checkpoint.params_fingerprint(longer) != fp
+    assert checkpoint.params_fingerprint(longer, ignore=("train.steps",)) == checkpoint.params_fingerprint(
+        base, ignore=("train.steps",))
     other = Params.model_validate({"rollout": {"n_noisy": 0}})
     assert checkpoint.params_fingerprint(other.model_dump(mode="json")) != fp

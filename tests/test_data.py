@@ -15,9 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from noisyrollout.data import loaders
-from noisyrollout.data.loaders import fit_pixels, load_examples, parse_hub_spec, validate_examples
+from noisyrollout.data.loaders import (
+    IMAGE_FACTOR,
+    fit_pixels,
+    load_examples,
+    load_records,
+    parse_hub_spec,
+    validate_examples,
+)
 from noisyrollout.data.synthetic import (
     PROBLEMS,
     TASKS,
@@ -441,11 +449,11 @@ def test_bad_parquet_inputs(tmp_path: Path) -> None:
                               "answer": datasets.Value("string")})
     good = {"bytes": buf.getvalue(), "path": None}
     bad = {"bytes": buf.getvalue()[:30], "path": None}
-    datasets.Dataset.from_dict({"images": [[good], [good, bad]], "problem": ["<image>q"] * 2,
+    datasets.Dataset.from_dict({"images": [[good], [bad]], "problem": ["<image>q"] * 2,
                                 "answer": ["1", "2"]},
                                features=full).to_parquet(tmp_path / "badimg.parquet")
     msg = _assert_data_error(str(tmp_path / "badimg.parquet"), "badimg.parquet", 1)
-    assert "images[1]" in msg
+    assert "images[0]" in msg
 
     (tmp_path / "notparquet.parquet").write_bytes(b"hello")
     _assert_data_error(str(tmp_path / "notparquet.parquet"), "notparquet.parquet", None,
@@ -527,32 +535,106 @@ def test_hub_dispatch_normalises(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- fit_pixels
 
 
-@pytest.mark.parametrize("size", [(640, 480), (56, 56), (10, 10), (4000, 3000), (2000, 2000),
-                                  (3000, 20), (1, 5000), (333, 777)])
-@pytest.mark.parametrize("bounds", [(262144, 1000000), (3136, 12544), (50, 60), (3136, 3136)])
-def test_fit_pixels_bounds(size: tuple[int, int], bounds: tuple[int, int]) -> None:
+SIZES = [(640, 480), (56, 56), (10, 10), (4000, 3000), (2000, 2000), (3000, 20), (333, 777), (29, 1000),
+         (1000, 29), (57, 83)]
+BOUNDS = [(262144, 1000000), (3136, 12544), (784, 3136), (3136, 3136), (3136, 200704)]
+
+
+def _smart(size: tuple[int, int], bounds: tuple[int, int]) -> tuple[int, int]:
+    """transformers' smart_resize on a (w, h) size, as (w, h)."""
+    h, w = smart_resize(size[1], size[0], factor=28, min_pixels=bounds[0], max_pixels=bounds[1])
+    return w, h
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("bounds", BOUNDS)
+def test_fit_pixels_is_smart_resize(size: tuple[int, int], bounds: tuple[int, int]) -> None:
     lo, hi = bounds
     out = fit_pixels(Image.new("L", size, 128), lo, hi)
     w, h = out.size
-    assert out.mode == "RGB"
-    assert lo <= w * h <= hi, (size, out.size)
-    if lo <= size[0] * size[1] <= hi:
-        assert out.size == size
-    if size[0] != size[1]:
-        assert (w > h) == (size[0] > size[1]), (size, out.size)  # orientation kept
-    if min(w, h) >= 20 and hi >= 2 * lo:  # room to hold the aspect ratio
-        assert abs(w / h - size[0] / size[1]) / (size[0] / size[1]) < 0.05, (size, out.size)
+    assert out.mode == "RGB" and w % 28 == 0 and h % 28 == 0
+    first = _smart(size, bounds)
+    if lo <= first[0] * first[1] <= hi:
+        assert out.size == first  # smart_resize's size, which the processor keeps
+    elif _smart(out.size, bounds) == out.size:
+        assert lo <= w * h <= hi  # smart_resize again, to a size the processor keeps
+    else:
+        assert out.size == first  # there is none in so narrow a range: smart_resize's size
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("bounds", BOUNDS[:3])
+def test_the_processor_keeps_what_fit_pixels_made(size: tuple[int, int], bounds: tuple[int, int]) -> None:
+    from transformers import Qwen2VLImageProcessor
+
+    lo, hi = bounds
+    processor = Qwen2VLImageProcessor(min_pixels=lo, max_pixels=hi, patch_size=14, merge_size=2, temporal_patch_size=2)
+    original = Image.new("RGB", size, (200, 30, 30))
+    resized = fit_pixels(original, lo, hi)
+    w, h = resized.size
+    grid = processor(images=[resized], return_tensors="pt")["image_grid_thw"].tolist()
+    assert grid == [[1, h // 14, w // 14]]
+    if resized.size == _smart(size, bounds):  # the grid the processor gives the original image too
+        assert processor(images=[original], return_tensors="pt")["image_grid_thw"].tolist() == grid
 
 
 def test_fit_pixels_details() -> None:
-    assert fit_pixels(Image.new("RGB", (4000, 3000)), 262144, 1000000).size == (1152, 864)
-    assert fit_pixels(Image.new("RGB", (2000, 2000)), 262144, 1000000).size == (1000, 1000)
-    assert fit_pixels(Image.new("RGB", (10, 10)), 262144, 1000000).size == (512, 512)
-    # exact area (the embedded default: 3136 = 56 x 56): nearest whole-pixel aspect ratio
+    assert IMAGE_FACTOR == 28
+    assert fit_pixels(Image.new("RGB", (4000, 3000)), 262144, 1000000).size == (1148, 840)
+    assert fit_pixels(Image.new("RGB", (2000, 2000)), 262144, 1000000).size == (980, 980)
+    assert fit_pixels(Image.new("RGB", (10, 10)), 262144, 1000000).size == (532, 532)
+    # the embedded default (3136 = 56 x 56 pixels): a 56 x 56 corpus image is kept as it is
+    kept = Image.new("RGB", (56, 56), (1, 2, 3))
+    assert fit_pixels(kept, 3136, 3136) is kept
     assert fit_pixels(Image.new("RGB", (112, 112)), 3136, 3136).size == (56, 56)
-    assert fit_pixels(Image.new("RGB", (640, 480)), 3136, 3136).size == (64, 49)
-    assert fit_pixels(Image.new("RGB", (3000, 20)), 3136, 3136).size == (784, 4)
+    # a side pinned to one block: smart_resize's 1344 x 28 is over max_pixels, the processor would shrink it again
+    assert _smart((3000, 20), (3136, 12544)) == (1344, 28)
+    assert fit_pixels(Image.new("RGB", (3000, 20)), 3136, 12544).size == (448, 28)
+    # no 4:3 size in whole blocks has exactly 3136 pixels: smart_resize's answer, under the bound
+    assert fit_pixels(Image.new("RGB", (640, 480)), 3136, 3136).size == (56, 28)
+    assert fit_pixels(Image.new("RGB", (200, 200)), 1024, 4096, factor=32).size == (64, 64)
     rgba = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
     assert fit_pixels(rgba, 1, 1000).getpixel((5, 5)) == (255, 255, 255)  # transparent -> white
     with pytest.raises(ValueError):
         fit_pixels(Image.new("RGB", (4, 4)), 100, 50)
+    with pytest.raises(ValueError, match="aspect ratio"):
+        fit_pixels(Image.new("RGB", (3000, 10)), 3136, 3136)
+
+
+# --------------------------------------------------------------------------- one image per row
+
+
+def test_multi_image_rows_are_rejected_at_load_time(tmp_path: Path) -> None:
+    d = tmp_path / "set"
+    _save_png(d / "a.png")
+    _save_png(d / "b.png")
+    rows = [{"id": "r0", "images": ["a.png"], "problem": "<image>q", "answer": "1"},
+            {"id": "r1", "images": ["a.png", "b.png"], "problem": "<image><image>q", "answer": "2"}]
+    jl = _write_jsonl(d / "train.jsonl", rows)
+    msg = _assert_data_error(str(d), "train.jsonl", 1, "(id 'r1')", "2 images",
+                             "multi-image rows are not supported", split="train")
+    assert msg == f"{jl}: row 1 (id 'r1'): 2 images; multi-image rows are not supported (one image per row)"
+    with pytest.raises(DataError, match="multi-image rows are not supported"):
+        load_records(str(d), "train", min_pixels=3136, max_pixels=3136)
+
+    img = Image.new("RGB", (8, 8))
+    feats = datasets.Features({"images": datasets.List(datasets.Image()), "problem": datasets.Value("string"),
+                               "answer": datasets.Value("string")})
+    datasets.Dataset.from_dict({"images": [[img], [img], [img, img, img]], "problem": ["<image>q"] * 3,
+                                "answer": ["1", "2", "3"]}, features=feats).to_parquet(tmp_path / "val.parquet")
+    _assert_data_error(str(tmp_path / "val.parquet"), "val.parquet", 2, "3 images",
+                       "multi-image rows are not supported")
+
+
+def test_load_records_gives_one_resized_image_per_row(tmp_path: Path) -> None:
+    d = tmp_path / "set"
+    d.mkdir()
+    Image.new("RGB", (112, 112)).save(d / "a.png")
+    Image.new("RGB", (3000, 10)).save(d / "wide.png")
+    _write_jsonl(d / "train.jsonl", [{"id": "r0", "images": ["a.png"], "problem": "<image>q", "answer": "1"}])
+    [record] = load_records(str(d), "train", min_pixels=3136, max_pixels=3136)
+    assert "images" not in record and record["id"] == "r0" and record["image"].size == (56, 56)
+    _write_jsonl(d / "train.jsonl", [{"images": ["a.png"], "problem": "<image>q", "answer": "1"},
+                                     {"images": ["wide.png"], "problem": "<image>q", "answer": "2"}])
+    with pytest.raises(DataError, match=r"^.*set \[train\]: row 1: image 3000x10: absolute aspect ratio"):
+        load_records(str(d), "train", min_pixels=3136, max_pixels=3136)

@@ -33,28 +33,30 @@ def ray_cluster():
 
 
 def test_two_learners_end_a_step_with_identical_parameters(ray_cluster, corpus_dir, tiny_model_dir, tmp_path):
-    from noisyrollout.train.launcher import LearnerGroup
-    from noisyrollout.train.loop import batch_indices
+    from noisyrollout.train.batching import batch_indices
+    from noisyrollout.train.launcher import RayGroup
 
     # an untrained model scores 0 on everything (zero advantages): the entropy bonus makes the gradient non-zero
-    group = LearnerGroup(toy_params(corpus_dir, tmp_path, entropy_coef=0.01), tiny_model_dir)
-    before = group.call("digest")
-    assert before[0] == before[1]
-    parts = group.call("step", 0, 3, batch_indices(0, 4, group.num_records, 0))
-    after = group.call("digest")
-    assert after[0] == after[1] != before[0]          # updated, and bit-identical across ranks
-    assert [len(s.rewards) for _, s in parts] == [8, 8]   # 2 whole prompts x (2 clean + 2 noisy) each
-    for actor in group.actors:
-        ray_cluster.kill(actor)
+    group = RayGroup(toy_params(corpus_dir, tmp_path, entropy_coef=0.01), tiny_model_dir)
+    try:
+        before = group.call("digest")
+        assert before[0] == before[1]
+        parts = group.call("step", 0, 3, batch_indices(0, 4, group.num_records, 0))
+        after = group.call("digest")
+        assert after[0] == after[1] != before[0]          # updated, and bit-identical across ranks
+        assert [len(s.rewards) for _, s in parts] == [8, 8]   # 2 whole prompts x (2 clean + 2 noisy) each
+    finally:
+        group.close()
 
 
 def test_a_killed_learner_stops_the_run_and_is_named(ray_cluster, corpus_dir, tiny_model_dir, tmp_path):
-    from noisyrollout.train.launcher import train_distributed
+    from noisyrollout.train.driver import train_rl
 
     def kill_learner_1(metrics):
         if metrics.step == 0:
-            ray_cluster.kill(ray_cluster.get_actor("learner-1"))
+            name = next(a for a in ray_cluster.util.list_named_actors() if a.endswith("learner-1"))
+            ray_cluster.kill(ray_cluster.get_actor(name))
 
-    with pytest.raises(NoisyRolloutError, match="learner-1"):
-        train_distributed(toy_params(corpus_dir, tmp_path, steps=5), tiny_model_dir, progress=False,
-                          on_step=kill_learner_1)
+    with pytest.raises(NoisyRolloutError, match="learner actor 'learner-1' died"):
+        train_rl(toy_params(corpus_dir, tmp_path, steps=5), tiny_model_dir, progress=False, on_step=kill_learner_1)
+    assert not [a for a in ray_cluster.util.list_named_actors() if "learner" in a]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +26,9 @@ KEY = "sk-test-0123456789-SECRET"
 class FakeChatServer(ThreadingHTTPServer):
     """POST /chat/completions: answers with the text after 'ANSWER=' in the user message, or NONE.
 
-    `fail_next` makes the next N requests fail with `fail_status`; every request is recorded.
+    `fail_next` makes the next N requests fail with `fail_status` (and a `Retry-After: retry_after` header when
+    set); `truncate_next` makes the next N replies close the connection halfway through the body. Every request is
+    recorded with its arrival time.
     """
 
     daemon_threads = True
@@ -34,6 +38,8 @@ class FakeChatServer(ThreadingHTTPServer):
         self.requests: list[dict] = []
         self.fail_next = 0
         self.fail_status = 500
+        self.retry_after: str | None = None
+        self.truncate_next = 0
         self.lock = threading.Lock()
 
     @property
@@ -50,23 +56,31 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.server.lock:
-            self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            self.server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body,
+                                         "time": time.monotonic()})
             fail = self.server.fail_next > 0
             self.server.fail_next -= 1 if fail else 0
+            truncate = self.server.truncate_next > 0
+            self.server.truncate_next -= 1 if truncate else 0
         if self.path != "/v1/chat/completions":
             self.send_error(404)
             return
         if fail:
-            self.send_error(self.server.fail_status)
+            self.send_response(self.server.fail_status)
+            if self.server.retry_after is not None:
+                self.send_header("Retry-After", self.server.retry_after)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         found = re.search(r"ANSWER=(\S+)", body["messages"][-1]["content"])
         reply = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                     "content": found.group(1) if found else "NONE"}}]})
+                                                     "content": found.group(1) if found else "NONE"}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
-        self.wfile.write(reply.encode())
+        # a truncated reply: half the promised body, then the connection closes (urllib: IncompleteRead)
+        self.wfile.write(reply[:len(reply) // 2] if truncate else reply)
 
 
 @pytest.fixture()
@@ -104,6 +118,51 @@ def test_gives_up_after_retries_and_on_client_errors(server: FakeChatServer, tmp
     server.fail_next, server.fail_status = 10, 401
     [result] = judge.extract_many([JudgeRequest("q", "ANSWER=2")])
     assert isinstance(result, JudgeError) and len(server.requests) == 4  # a 401 is not retried
+
+
+def test_retries_a_reply_cut_off_mid_body(server: FakeChatServer, tmp_path: Path) -> None:
+    server.truncate_next = 1
+    judge = _judge(server, tmp_path / "cache", max_retries=2)
+    [answer] = judge.extract_many([JudgeRequest("q", "ANSWER=7")])
+    assert answer == "7"
+    assert len(server.requests) == 2 and judge.stats.retries == 1 and judge.stats.failures == 0
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_waits_for_retry_after(server: FakeChatServer, tmp_path: Path, status: int) -> None:
+    server.fail_next, server.fail_status, server.retry_after = 1, status, "1"
+    judge = _judge(server, tmp_path / "cache", max_retries=2)  # back-off alone would wait ~1 ms
+    assert judge.extract(JudgeRequest("q", "ANSWER=5")) == "5"
+    assert len(server.requests) == 2
+    assert server.requests[1]["time"] - server.requests[0]["time"] >= 0.95
+
+
+def test_retry_after_is_capped_by_max_wait(server: FakeChatServer, tmp_path: Path) -> None:
+    server.fail_next, server.fail_status, server.retry_after = 1, 429, "3600"
+    judge = _judge(server, tmp_path / "cache", max_retries=1, max_wait_s=0.2)
+    assert judge.extract(JudgeRequest("q", "ANSWER=6")) == "6"
+    assert 0.15 <= server.requests[1]["time"] - server.requests[0]["time"] < 5
+
+
+def test_a_400_fails_at_once(server: FakeChatServer, tmp_path: Path) -> None:
+    server.fail_next, server.fail_status = 10, 400
+    judge = _judge(server, tmp_path / "cache", max_retries=3)
+    with pytest.raises(JudgeError, match="^HTTP 400 from ") as info:
+        judge.extract(JudgeRequest("q", "ANSWER=1"))
+    assert len(server.requests) == 1 and judge.stats.retries == 0 and KEY not in str(info.value)
+
+
+def test_connection_refused_gives_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with socket.socket() as sock:  # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    judge = Judge(base_url=f"http://127.0.0.1:{port}/v1", model="m", api_key=KEY, cache_dir=tmp_path / "cache",
+                  backoff_s=0.001, max_retries=2, timeout_s=5)
+    with pytest.raises(JudgeError, match="ConnectError contacting .*gave up after 3 attempt") as info:
+        judge.extract(JudgeRequest("q", "ANSWER=1"))
+    assert judge.stats.http_calls == 3 and KEY not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 class NoBoxEngine:

@@ -105,9 +105,10 @@ def test_limit_and_image_failing_to_decode_at_generation(fixture: tuple[Path, di
     Image.new("RGB", (64, 64), (1, 2, 3)).save(png)
     png.write_bytes(png.read_bytes()[:60])  # the header opens, the pixels do not decode
     summary = run_eval(engine, data_dir=data, corpus_dir=None, datasets=["hallubench"], output_dir=tmp_path / "o",
-                       sampling=eval_sampling(), limit=2, progress=False, min_pixels=400, max_pixels=600)
+                       sampling=eval_sampling(), limit=2, progress=False, min_pixels=784, max_pixels=3136)
     [[prompt]] = engine.batches
-    assert 400 <= prompt.image.width * prompt.image.height <= 600  # resized into the pixel range
+    # the 16 x 12 fixture image, resized as the Qwen2-VL processor would: whole 28-pixel blocks, in the pixel range
+    assert prompt.image.size == (56, 28) and 784 <= prompt.image.width * prompt.image.height <= 3136
     metrics = _read(tmp_path / "o" / "hallubench.json")["metrics"]
     assert (metrics["n_total"], metrics["n_unreadable"], metrics["n_scored"]) == (2, 1, 1)
     assert summary["benchmarks"]["hallubench"]["accuracy"] == 1.0

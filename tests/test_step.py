@@ -119,3 +119,19 @@ def test_vision_cache_in_generation_samples_the_same_tokens(tiny_model_dir, corp
         torch.manual_seed(0)
         outs.append([g.token_ids for g in engine.generate(prompts, sampling)])
     assert outs[0] == outs[1]
+
+
+def test_a_checkpoints_generation_config_does_not_change_sampling(tiny_model_dir, corpus_dir):
+    """The loss assumes plain temperature sampling: a saved repetition_penalty / no_repeat_ngram_size must not
+    reach generate (transformers fills every unset knob from model.generation_config)."""
+    params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    prompts = [Prompt(img, q) for img, q in zip(batch.images, batch.problems)]
+    sampling = SamplingParams(n=3, temperature=1.0, max_new_tokens=8)
+    torch.manual_seed(0)
+    plain = [g.token_ids for g in engine.generate(prompts, sampling)]
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    torch.manual_seed(0)
+    configured = [g.token_ids for g in engine.generate(prompts, sampling)]
+    assert configured == plain
+    assert model.generation_config.repetition_penalty == 50.0     # the model's own config is left as it was

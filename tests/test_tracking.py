@@ -51,6 +51,25 @@ def test_secret_names_and_flattening():
     assert flat == {"a.b.c": "1", "n": "None", "lst": "[1, 2]", "long": "x" * 6000}
 
 
+# The two word lists the project had before one filter served both MLflow params and eval reports.
+OLD_TRACKING_WORDS = ["token", "secret", "secrets", "password", "passwd", "pwd", "passphrase", "apikey", "credential",
+                      "credentials", "auth", "authorization", "cookie", "bearer"]
+OLD_REPORT_WORDS = ["key", "apikey", "token", "secret", "password", "passwd", "authorization", "auth", "credential"]
+
+
+@pytest.mark.parametrize("word", sorted(set(OLD_TRACKING_WORDS) | set(OLD_REPORT_WORDS)))
+def test_one_secret_filter_for_params_and_eval_reports(word):
+    from eval.report import redact
+
+    for name in (word, f"judge.{word}", f"hf_{word}", f"hf-{word}", f"db{word.capitalize()}"):
+        assert is_secret_key(name), name
+        assert redact({name: "s", "train": {name: "s", "lr": 1}}) == {"train": {"lr": 1}}, name
+    normal = {"train.lr": 1, "lr": 1, "model.tiny.num_key_value_heads": 2, "rollout.max_new_tokens": 8,
+              "model.tokenizer_dir": "t"}
+    assert not any(is_secret_key(name) for name in normal)
+    assert redact(normal) == normal
+
+
 def test_run_params_metrics_artifacts_registry(store, workdir, tmp_path):
     import mlflow
 

@@ -104,7 +104,14 @@ def _duplicate_id(rows):
 
 def _missing_placeholder(rows):
     rows["images"][4] = rows["images"][4] + [{"bytes": _png(64, "red"), "path": None}]   # 2 images, 1 <image>
-    return {("expect_column_pair_values_to_be_equal", "n_image_placeholders, n_images"): [4]}
+    return {("expect_column_pair_values_to_be_equal", "n_image_placeholders, n_images"): [4],
+            ("expect_column_values_to_be_between", "n_images"): [4]}
+
+
+def _two_images(rows):
+    rows["images"][6] = rows["images"][6] + [{"bytes": _png(64, "red"), "path": None}]
+    rows["problem"][6] = "<image>" + rows["problem"][6]                                  # 2 images, 2 <image>
+    return {("expect_column_values_to_be_between", "n_images"): [6]}
 
 
 def _tiny_image(rows):
@@ -120,7 +127,7 @@ def _no_image(rows):
 
 
 @pytest.mark.parametrize("corrupt", [_bad_image, _empty_answers, _duplicate_id, _missing_placeholder, _tiny_image,
-                                     _no_image], ids=lambda f: f.__name__.strip("_"))
+                                     _no_image, _two_images], ids=lambda f: f.__name__.strip("_"))
 def test_corrupted_rows_fail_and_are_named(tmp_path, corrupt):
     rows = _rows("train")
     expected_rows = corrupt(rows)

@@ -24,6 +24,7 @@ from noisyrollout.rollout.hf_engine import vision_token_ids
 from noisyrollout.rollout.vllm_engine import (
     VLLMEngine,
     build_requests,
+    llm_kwargs_for,
     require_vllm,
     sampling_kwargs,
     state_dict_for_vllm,
@@ -158,3 +159,9 @@ def test_module_import_does_not_import_vllm(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # a fresh copy of the module imports cleanly
     assert callable(module.require_vllm)
+
+
+def test_llm_ignores_the_checkpoints_generation_config():
+    kwargs = llm_kwargs_for("m", pixels={"max_pixels": 4096}, dtype="bfloat16", seed=3)
+    assert kwargs["generation_config"] == "vllm"     # vLLM defaults; generation_config.json is not loaded
+    assert kwargs["model"] == "m" and kwargs["mm_processor_kwargs"] == {"max_pixels": 4096} and kwargs["seed"] == 3

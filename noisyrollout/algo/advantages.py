@@ -5,12 +5,14 @@ n_noisy rollouts on the distorted image together. `groups` gives one hashable id
 
     grpo          A_i = (r_i - mean_g) / (std_g + 1e-6), std unbiased (n-1); a group of one: mean 0, std 1
     rloo          A_i = r_i * n/(n-1) - mean_g * n/(n-1); a group of one keeps A_i = r_i
-    reinforce_pp  REINFORCE++: returns whitened over the whole batch, groups ignored
+    reinforce_pp  REINFORCE++: returns whitened over the whole batch, groups ignored; when `rewards` is one
+                  learner's shard, pass the batch's `batch_moments` (see `moments_from_sums`)
     dr_grpo       Dr. GRPO: A_i = r_i - mean_g (no std division; pair with loss_agg "seq-mean-token-sum-norm")
 """
 
 from __future__ import annotations
 
+import math
 from typing import Hashable, Literal, Sequence
 
 import torch
@@ -40,17 +42,33 @@ def group_stats(rewards: torch.Tensor, groups: Sequence[Hashable]) -> tuple[torc
     return mean[index], std[index], size[index]
 
 
+def moments_from_sums(total: float, total_sq: float, count: float) -> tuple[float, float] | None:
+    """(mean, unbiased variance) of a batch from its sums of r and r**2 (added up over learners); None when the
+    batch has fewer than two rewards."""
+    if count < 2:
+        return None
+    mean = total / count
+    return mean, max(total_sq - count * mean * mean, 0.0) / (count - 1)
+
+
 def group_advantages(rewards: torch.Tensor | Sequence[float], groups: Sequence[Hashable],
-                     estimator: Estimator = "grpo") -> torch.Tensor:
-    """One scalar advantage per response (float32, same order as `rewards`)."""
+                     estimator: Estimator = "grpo",
+                     batch_moments: tuple[float, float] | None = None) -> torch.Tensor:
+    """One scalar advantage per response (float32, same order as `rewards`).
+
+    `batch_moments`: (mean, unbiased variance) of the whole batch's rewards for `reinforce_pp` when `rewards`
+    is one shard of it; None = `rewards` is the batch.
+    """
     rewards = torch.as_tensor(rewards, dtype=torch.float64).flatten()
     if len(groups) != rewards.numel():
         raise ValueError(f"{rewards.numel()} rewards but {len(groups)} group ids")
     if estimator == "reinforce_pp":
-        if rewards.numel() < 2:
-            return torch.zeros_like(rewards, dtype=torch.float32)
-        adv = (rewards - rewards.mean()) * torch.rsqrt(rewards.var() + 1e-8)
-        return adv.to(torch.float32)
+        if batch_moments is None:
+            if rewards.numel() < 2:
+                return torch.zeros_like(rewards, dtype=torch.float32)
+            batch_moments = float(rewards.mean()), float(rewards.var())
+        mean, var = batch_moments
+        return ((rewards - mean) / math.sqrt(var + 1e-8)).to(torch.float32)
     mean, std, size = group_stats(rewards, groups)
     if estimator == "grpo":
         adv = (rewards - mean) / (std + EPS)

@@ -2,6 +2,7 @@
 
 Every loader returns a ``datasets.Dataset`` with ``images`` (a list of images, HF ``Image``
 feature, decoded to PIL on access), ``problem`` (str) and ``answer`` (str), plus any extra columns.
+Validation accepts exactly one image per row: the policy and its prompts take one image.
 
 Sources (``load_examples``):
 
@@ -31,13 +32,17 @@ from PIL import Image, UnidentifiedImageError
 
 from noisyrollout.errors import DataError
 
-__all__ = ["load_examples", "load_records", "validate_examples", "fit_pixels", "parse_hub_spec", "REQUIRED_COLUMNS"]
+__all__ = ["load_examples", "load_records", "validate_examples", "fit_pixels", "parse_hub_spec", "REQUIRED_COLUMNS",
+           "IMAGE_FACTOR"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("images", "problem", "answer")
 _IMAGE_LIST = datasets.List(datasets.Image())
 _IMAGE_LIST_ARROW = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SUFFIXES = (".parquet", ".jsonl")
+# Qwen2-VL / Qwen2.5-VL: 14-pixel patches merged 2 x 2 into one token, so the processor makes both sides multiples of 28
+IMAGE_FACTOR = 28
+_RESIZE_PASSES = 16  # smart_resize passes before giving up on a size the processor keeps (a few suffice)
 
 
 def _short(exc: BaseException) -> str:
@@ -332,8 +337,9 @@ def _decode_check(ref: Any) -> str | None:
 def validate_examples(ds: datasets.Dataset, source: str) -> None:
     """Raise ``DataError`` (one line naming ``source`` and the row) for the first unusable row.
 
-    Checks: required columns present; ``images`` is a list of images, non-empty in every row,
-    every image decodes; ``problem`` is a non-empty string; ``answer`` is a non-blank string.
+    Checks: required columns present; ``images`` is a list of images holding exactly one image in
+    every row (multi-image rows are not supported), which decodes; ``problem`` is a non-empty
+    string; ``answer`` is a non-blank string. A row is named by its index, and its ``id`` if any.
     """
     cols = ds.column_names
     for c in REQUIRED_COLUMNS:
@@ -343,8 +349,9 @@ def validate_examples(ds: datasets.Dataset, source: str) -> None:
     if not _is_image_list(img_feat):
         raise DataError(f"{source}: column 'images' must be a list of images, "
                         f"got feature {img_feat}")
-    for i, row in enumerate(_raw_rows(ds, list(REQUIRED_COLUMNS))):
-        where = f"{source}: row {i}"
+    columns = [*REQUIRED_COLUMNS, "id"] if "id" in cols else list(REQUIRED_COLUMNS)
+    for i, row in enumerate(_raw_rows(ds, columns)):
+        where = f"{source}: row {i}" + (f" (id {row['id']!r})" if row.get("id") is not None else "")
         problem, answer, images = row["problem"], row["answer"], row["images"]
         if not isinstance(problem, str) or not problem.strip():
             got = "empty string" if isinstance(problem, str) else type(problem).__name__
@@ -357,6 +364,9 @@ def validate_examples(ds: datasets.Dataset, source: str) -> None:
             raise DataError(f"{where}: 'answer' is empty")
         if not images:
             raise DataError(f"{where}: row has no image")
+        if len(images) > 1:
+            raise DataError(f"{where}: {len(images)} images; multi-image rows are not supported "
+                            "(one image per row)")
         for j, ref in enumerate(images):
             reason = _decode_check(ref)
             if reason:
@@ -378,55 +388,57 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
-    """RGB image resized, aspect ratio kept, so that ``min_pixels <= w*h <= max_pixels``.
+def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int, *,
+               factor: int = IMAGE_FACTOR) -> Image.Image:
+    """RGB image (transparent pixels -> white) resized, bicubic, to the size the Qwen2-VL image
+    processor would give it (transformers' ``smart_resize``): sides multiples of ``factor``,
+    ``min_pixels <= w*h <= max_pixels``, the aspect ratio as close as whole blocks permit. The
+    processor runs ``smart_resize`` on what it is handed and keeps this size, so its patch grid is
+    ``(1, h / 14, w / 14)``.
 
-    An image already inside the range is only converted to RGB (transparent pixels -> white).
-    Otherwise the whole-pixel size nearest to the original aspect ratio within the bounds is
-    chosen, as close as possible to the bound that was crossed (the authors' rule, without their
-    rounding slipping below ``min_pixels``). ``min_pixels == max_pixels`` is allowed: the area is
-    then exact and the aspect ratio as close as whole pixels permit.
+    Where the first answer is still out of bounds (a side pinned to one block by an extreme aspect
+    ratio), ``smart_resize`` is applied again until the processor would keep the size. A range too
+    narrow for whole blocks can have no such size: the first answer is returned then (and the
+    processor resizes it once more). An image already at its size is only converted to RGB.
+
+    Raises ``ValueError`` for bounds with ``max_pixels < min_pixels`` and for an aspect ratio above
+    200 (which the processor rejects too).
     """
+    # transformers is imported here: loading and validating data does not need it
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
     if min_pixels < 1 or max_pixels < min_pixels:
         raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
     image = _to_rgb(image)
-    w, h = image.size
-    area = w * h
-    if min_pixels <= area <= max_pixels:
+    first = size = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels,
+                                max_pixels=max_pixels)
+    for _ in range(_RESIZE_PASSES):
+        again = smart_resize(*size, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        if again == size:
+            break
+        size = again
+    else:
+        size = first
+    height, width = size
+    if (width, height) == image.size:
         return image
-    ratio = w / h
-    target = max_pixels if area > max_pixels else min_pixels
-
-    def key(nw: int, nh: int) -> tuple[float, int]:
-        # nearest aspect ratio first, then nearest to the bound that was crossed
-        return round(abs(math.log(nw / nh / ratio)), 9), abs(nw * nh - target)
-
-    def pairs(sides: Iterator[int]) -> Iterator[tuple[int, int]]:
-        for side in sides:  # each side taken as the width, then as the height
-            lo, hi = -(-min_pixels // side), max_pixels // side  # other sides keeping the range
-            if lo <= hi:
-                yield side, min(max(round(side / ratio), lo), hi)
-                yield min(max(round(side * ratio), lo), hi), side
-
-    target_w = w * math.sqrt(target / area)
-    near = range(max(1, math.floor(target_w) - 2), math.ceil(target_w) + 3)
-    best = min(pairs(iter(near)), key=lambda p: key(*p), default=None)
-    if best is None or key(*best)[0] > 0.01:
-        # a narrow [min, max] range: search every size (one side is <= sqrt(max_pixels))
-        everything = pairs(iter(range(1, math.isqrt(max_pixels) + 1)))
-        best = min(everything if best is None else [best, *everything], key=lambda p: key(*p))
-    return image.resize(best, Image.Resampling.BICUBIC)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
 
 
 def load_records(source: str, split: str | None, *, min_pixels: int, max_pixels: int,
                  limit: int | None = None) -> list[dict]:
-    """Examples as plain dicts (all columns but `images`) with one RGB `image` fitted to [min_pixels, max_pixels]."""
+    """Examples as plain dicts (all columns but `images`) with their one RGB `image` resized by `fit_pixels`."""
     ds = load_examples(source, split=split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     records = []
-    for row in ds:
+    for i, row in enumerate(ds):
         record = {k: v for k, v in row.items() if k != "images"}
-        record["image"] = fit_pixels(row["images"][0], min_pixels, max_pixels)
+        [image] = row["images"]  # validated: one image per row
+        try:
+            record["image"] = fit_pixels(image, min_pixels, max_pixels)
+        except ValueError as exc:  # an aspect ratio the processor rejects
+            label = f"{source} [{split}]" if split else source
+            raise DataError(f"{label}: row {i}: image {image.width}x{image.height}: {exc}") from None
         records.append(record)
     return records

@@ -35,6 +35,13 @@ def trim_response(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list
     return out
 
 
+def neutral_generation_config(config: Any) -> Any:
+    """A GenerationConfig with only `config`'s special tokens: nothing in it changes the sampling distribution."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(**{k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+
+
 class HFEngine:
     """Engine protocol over a transformers image-text-to-text model and its processor."""
 
@@ -87,6 +94,11 @@ class HFEngine:
         greedy = params.temperature <= 0
         sampling = {} if greedy else {"temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
         was_training = self.model.training
+        saved_config = self.model.generation_config
+        # transformers fills every knob we leave unset from the checkpoint's generation_config (a repetition_penalty,
+        # top_k, min_p, bad_words_ids, ...). The loss assumes plain temperature / top-p sampling, so generate
+        # sees a config holding only the special tokens.
+        self.model.generation_config = neutral_generation_config(saved_config)
         self.model.eval()
         try:
             sequences = self.model.generate(
@@ -95,6 +107,7 @@ class HFEngine:
                 eos_token_id=sorted(self.eos_ids), use_cache=True, **sampling,
             )
         finally:
+            self.model.generation_config = saved_config
             self.model.train(was_training)
         generated = sequences[:, inputs["input_ids"].shape[1]:].tolist()
         rows = [trim_response(ids, self.eos_ids, self.pad_id) for ids in generated]

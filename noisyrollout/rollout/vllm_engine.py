@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
 
 from noisyrollout.errors import NoisyRolloutError
 from noisyrollout.rollout.chat import chat_text
@@ -149,6 +148,16 @@ def state_dict_for_vllm(model: torch.nn.Module, *, trainable_only: bool = False,
     return pairs
 
 
+def llm_kwargs_for(model_path: str | Path, *, pixels: dict[str, int], **kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments of `vllm.LLM`. `generation_config="vllm"`: the checkpoint's generation_config.json (a
+    repetition_penalty, top_k, ...) is not loaded, so it can never change the sampling the loss assumes."""
+    out = {"model": str(model_path), "limit_mm_per_prompt": {"image": 1, "video": 0}, "generation_config": "vllm",
+           **kwargs}
+    if pixels:
+        out["mm_processor_kwargs"] = pixels
+    return out
+
+
 class VLLMEngine:
     """Engine protocol over a `vllm.LLM` loaded from a model folder (or hub id), with weight sync."""
 
@@ -168,12 +177,10 @@ class VLLMEngine:
         self.system_prompt = system_prompt
         self.processor = load_processor(model_path, min_pixels=min_pixels, max_pixels=max_pixels)
         pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-        self.llm = vllm.LLM(
-            model=str(model_path), dtype=dtype, max_model_len=max_model_len, seed=seed,
-            limit_mm_per_prompt={"image": 1, "video": 0}, gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=enable_prefix_caching,
-            **({"mm_processor_kwargs": pixels} if pixels else {}), **llm_kwargs,
-        )
+        self.llm = vllm.LLM(**llm_kwargs_for(
+            model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            enable_prefix_caching=enable_prefix_caching, pixels=pixels, **llm_kwargs))
         tok = self.processor.tokenizer
         try:
             eos = GenerationConfig.from_pretrained(str(model_path)).eos_token_id

@@ -2,7 +2,8 @@
 
 Layout of one checkpoint:
     hf/                      the policy in HF format (save_pretrained model + processor): loadable as is
-    deepspeed/               every learner's DeepSpeed state: weights, optimizer, LR schedule
+    deepspeed/               every learner's DeepSpeed state: weights, optimizer, LR schedule (cluster.trainer=ray)
+    torch/state.pt           the same for the one in-process learner (cluster.trainer=local)
     rng_rank<r>.pt           every learner's RNG states (torch, python, the distortion generator)
     trainer_state.json       step counter, per-step metrics so far, MLflow run id
 
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 # Knobs that may change between a run and its resumption; every other parameter must match.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.output_dir", "checkpoint", "tracking", "eval", "val", "gate",
+# train.steps is NOT one of them: the noise schedule (u = s / T) and the LR schedule depend on it, so a run with
+# another T is another run (it starts fresh in its own folder) instead of silently bending the schedule mid-way.
+RESUMABLE_CHANGES = ("train.log_every", "train.output_dir", "checkpoint", "tracking", "eval", "val", "gate",
                      "registry", "reports_dir", "orchestration",
                      "cluster.address", "cluster.dashboard")
 
@@ -69,10 +72,25 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def params_fingerprint(params: dict[str, Any]) -> str:
-    """A hash of the parameters that decide what a run computes (not how long it runs or where it logs)."""
+def init_identity(init: str | Path) -> str:
+    """What the run starts from: a SHA-256 of every file of a local policy folder (a re-trained SFT policy is another
+    start, so its run must not resume checkpoints of the old one), or the hub id as given."""
+    root = Path(init)
+    if not root.is_dir():
+        return str(init)
+    h = hashlib.sha256()
+    for file in sorted(f for f in root.rglob("*") if f.is_file()):
+        h.update(str(file.relative_to(root)).encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def params_fingerprint(params: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """A hash of the parameters that decide what a run computes (not where it logs); `ignore` drops more keys."""
     tree = json.loads(json.dumps(params, default=str))
-    for dotted in RESUMABLE_CHANGES:
+    for dotted in (*RESUMABLE_CHANGES, *ignore):
         node, *rest = dotted.split(".")
         if rest:
             tree.get(node, {}).pop(rest[0], None)

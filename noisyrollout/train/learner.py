@@ -1,8 +1,12 @@
-"""A learner: one process holding a DeepSpeed-wrapped policy and its rollout engine, running NoisyRollout steps on
+"""A learner: one process holding the policy, its optimizer and its rollout engine, running NoisyRollout steps on
 its shard of whole prompts (so every group, clean and noisy rollouts together, stays on one learner).
 
-`launcher.py` makes this class a Ray actor; nothing here imports Ray. Gradients are averaged across learners by
-DeepSpeed (ZeRO stage from params), so every learner ends each step with the same parameters.
+Two back-ends behind the same methods, so `driver.py` drives either without knowing which:
+    world_size 1, cluster.trainer=local   plain torch AdamW in the calling process (no Ray, no DeepSpeed)
+    cluster.trainer=ray                   a DeepSpeed engine (ZeRO stage from params) in a Ray actor; gradients are
+                                          averaged across learners, so all end each step with the same parameters
+
+`launcher.py` makes this class a Ray actor; nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from noisyrollout.config import Params
 from noisyrollout.data.loaders import load_records
 from noisyrollout.models.load import load_policy
 from noisyrollout.rollout.hf_engine import HFEngine
+from noisyrollout.train.batching import seed_everything, shard_prompts
 from noisyrollout.train.metrics import RolloutScores, StepMetrics
-from noisyrollout.train.loop import seed_everything
-from noisyrollout.train.optim import adamw
-from noisyrollout.train.step import PromptBatch, noisyrollout_step
+from noisyrollout.train.optim import TorchOptimizer, adamw
+from noisyrollout.train.step import Collective, PromptBatch, noisyrollout_step
 
 
 class DeepSpeedOptimizer:
@@ -32,7 +36,10 @@ class DeepSpeedOptimizer:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Accumulate the gradient of `loss`; `last` marks the final micro-batch before `step`, the gradient
+        accumulation boundary (ZeRO-2 otherwise keeps only the newest micro-batch's reduced gradients)."""
+        self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
     def step(self) -> float:
@@ -62,51 +69,68 @@ def deepspeed_config(params: Params) -> dict[str, Any]:
     return cfg
 
 
-class Learner:
-    """One rank. `setup` joins the process group and builds the DeepSpeed engine; `step` runs one step."""
+def dist_env(rank: int, world_size: int, master_addr: str, master_port: int) -> dict[str, str]:
+    """torch.distributed variables of a learner. LOCAL_RANK is 0: under Ray each GPU actor sees only its own
+    device (CUDA_VISIBLE_DEVICES), which is cuda:0 inside the actor whatever the rank."""
+    return {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+            "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0"}
 
-    def __init__(self, rank: int, world_size: int, params: dict[str, Any], init_dir: str) -> None:
-        self.rank, self.world_size = rank, world_size
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Learner:
+    """One rank. `setup` builds the policy, optimizer and rollout engine (joining the process group when
+    distributed); `step` runs one NoisyRollout step on this rank's prompts."""
+
+    def __init__(self, rank: int, world_size: int, params: dict[str, Any], init_dir: str, *,
+                 distributed: bool = True) -> None:
+        self.rank, self.world_size, self.distributed = rank, world_size, distributed
         self.params = Params.model_validate(params)
         self.init_dir = init_dir
-        torch.set_num_threads(self.params.cluster.cpus_per_learner)
+        if distributed:   # a Ray actor: its own process, its own thread budget
+            torch.set_num_threads(self.params.cluster.cpus_per_learner)
 
-    @staticmethod
-    def rendezvous() -> tuple[str, int]:
-        """This node's address and a free port, for rank 0 to host the process group."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return socket.gethostbyname(socket.gethostname()), port
-
-    def setup(self, master_addr: str, master_port: int) -> int:
-        """Join the process group, build the policy and its DeepSpeed engine; returns the dataset size."""
+    def setup(self, master_addr: str | None = None, master_port: int | None = None) -> int:
+        """Build the policy and its optimizer (a DeepSpeed engine when distributed); returns the dataset size."""
         params = self.params
-        cuda = torch.cuda.is_available() and params.cluster.gpus_per_learner > 0
-        if not cuda:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if not cuda else str(self.rank))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         self.generator = seed_everything(params.seed + self.rank)
         self.processor, model, self.ref_model = load_policy(
             self.init_dir, dtype=params.model.dtype, min_pixels=params.data.min_pixels,
             max_pixels=params.data.max_pixels, freeze_vision=params.model.freeze_vision,
             with_reference=params.train.kl_coef > 0)
-        optimizer, scheduler = adamw(model.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay,
-                                     warmup_steps=params.train.warmup_steps, total_steps=params.train.steps)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(params))
-        self.optimizer = DeepSpeedOptimizer(self.engine)
+        train = params.train
+        if self.distributed:
+            cuda = torch.cuda.is_available() and params.cluster.gpus_per_learner > 0
+            if not cuda:
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            os.environ.update(dist_env(self.rank, self.world_size, master_addr or "127.0.0.1", master_port or 0))
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+            optimizer, scheduler = adamw(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                         warmup_steps=train.warmup_steps, total_steps=train.steps)
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=deepspeed_config(params))
+            self.model = self.engine.module
+            self.optimizer: Any = DeepSpeedOptimizer(self.engine)
+            self.collective = Collective(self.world_size, device=self.engine.device)
+        else:
+            self.model = model
+            self.optimizer = TorchOptimizer(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
+                                            warmup_steps=train.warmup_steps, total_steps=train.steps,
+                                            max_grad_norm=train.max_grad_norm)
+            self.collective = Collective(1)
         self.rollout_engine = self._rollout_engine()
         self.records = load_records(str(params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,
                                     max_pixels=params.data.max_pixels)
         return len(self.records)
 
     def _rollout_engine(self) -> Any:
-        """HF generate on the live policy (CPU), or vLLM (GPU) whose weights `step` syncs after each update."""
+        """HF generate on the live policy (CPU), or vLLM (GPU) whose weights are synced after each change."""
         params, rollout = self.params, self.params.rollout
         if rollout.engine == "vllm":
             from noisyrollout.rollout.vllm_engine import VLLMEngine
@@ -114,26 +138,37 @@ class Learner:
             return VLLMEngine(self.init_dir, system_prompt=params.model.system_prompt, dtype=params.model.dtype,
                               seed=params.seed + self.rank, min_pixels=params.data.min_pixels,
                               max_pixels=params.data.max_pixels)
-        return HFEngine(self.engine.module, self.processor, system_prompt=params.model.system_prompt,
+        return HFEngine(self.model, self.processor, system_prompt=params.model.system_prompt,
                         batch_size=params.train.prompts_per_step * (rollout.n_clean + rollout.n_noisy),
                         cache_vision=params.model.freeze_vision)
 
+    def _sync_rollout_weights(self) -> None:
+        """A rollout engine with its own copy of the weights (vLLM) gets the policy's current ones."""
+        if hasattr(self.rollout_engine, "sync_weights"):
+            self.rollout_engine.sync_weights(self.model, trainable_only=self.params.model.freeze_vision)
+
     def step(self, step: int, total_steps: int, indices: list[int]) -> tuple[StepMetrics, RolloutScores]:
-        """One NoisyRollout step on this rank's whole prompts: `indices[rank::world_size]`."""
-        chosen = [self.records[i] for i in indices[self.rank::self.world_size]]
+        """One NoisyRollout step on this rank's whole prompts of the step's `indices` (see batching.py)."""
+        shards = shard_prompts(len(indices), self.world_size, self.params.train.mini_batches)[self.rank]
+        chosen = [self.records[indices[i]] for chunk in shards for i in chunk]
         batch = PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
                             answers=[r["answer"] for r in chosen])
-        result = noisyrollout_step(step, total_steps, batch, model=self.engine.module, processor=self.processor,
+        result = noisyrollout_step(step, total_steps, batch, model=self.model, processor=self.processor,
                                    engine=self.rollout_engine, optimizer=self.optimizer, params=self.params,
-                                   generator=self.generator, ref_model=self.ref_model)
-        if hasattr(self.rollout_engine, "sync_weights"):
-            self.rollout_engine.sync_weights(self.engine.module, trainable_only=self.params.model.freeze_vision)
+                                   generator=self.generator, ref_model=self.ref_model,
+                                   mini_batch_sizes=[len(c) for c in shards], collective=self.collective)
+        self._sync_rollout_weights()
         return result.metrics, result.scores
 
     def save(self, checkpoint_dir: str) -> None:
-        """Collective: DeepSpeed state of every rank, this rank's RNG states; rank 0 also the HF policy."""
+        """Collective: every rank's optimizer state and RNG states; rank 0 also the HF policy."""
         out = Path(checkpoint_dir)
-        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+        if self.distributed:
+            self.engine.save_checkpoint(str(out / "deepspeed"), tag="state")
+        else:
+            (out / "torch").mkdir(parents=True, exist_ok=True)
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.optimizer.state_dict(),
+                        "scheduler": self.optimizer.scheduler.state_dict()}, out / "torch" / "state.pt")
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                     "generator": self.generator.get_state()}, out / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
@@ -141,21 +176,28 @@ class Learner:
 
     def load(self, checkpoint_dir: str) -> None:
         src = Path(checkpoint_dir)
-        self.engine.load_checkpoint(str(src / "deepspeed"), tag="state", load_optimizer_states=True,
-                                    load_lr_scheduler_states=True)
+        if self.distributed:
+            self.engine.load_checkpoint(str(src / "deepspeed"), tag="state", load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+        else:
+            state = torch.load(src / "torch" / "state.pt", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.scheduler.load_state_dict(state["scheduler"])
         rng = torch.load(src / f"rng_rank{self.rank}.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         self.generator.set_state(rng["generator"])
+        self._sync_rollout_weights()   # else the first resumed step would sample from the initial weights
 
     def save_hf(self, out_dir: str) -> None:
-        self.engine.module.save_pretrained(out_dir)
+        self.model.save_pretrained(out_dir)
         self.processor.save_pretrained(out_dir)
 
     def digest(self) -> str:
         """SHA-256 of every parameter's bytes: equal across ranks after a step."""
         h = hashlib.sha256()
-        for name, p in sorted(self.engine.module.named_parameters()):
+        for name, p in sorted(self.model.named_parameters()):
             h.update(name.encode())
             h.update(p.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()

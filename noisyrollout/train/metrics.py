@@ -80,12 +80,13 @@ class StepMetrics:
 
     @staticmethod
     def merge(parts: Sequence["StepMetrics"], scores: Sequence[RolloutScores]) -> "StepMetrics":
-        """One step's metrics from every learner's: rewards recomputed over all responses, loss statistics
-        averaged, times the slowest learner's (grad norm and lr are global already)."""
+        """One step's metrics from every learner's: rewards recomputed over all responses, loss statistics added
+        up (each learner reports its share of the batch token-mean), times the slowest learner's (grad norm and
+        lr are global already)."""
         first = asdict(parts[0])
         out = {**first, **reward_metrics(RolloutScores.concat(scores))}
         for key in ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl"):
-            out[key] = _mean([getattr(p, key) for p in parts])
+            out[key] = sum(getattr(p, key) for p in parts)
         for key in StepMetrics.GROUPS["time"]:
             out[key] = max(getattr(p, key) for p in parts)
         return StepMetrics(**out)

@@ -2,25 +2,23 @@
 
 `TorchOptimizer` is the single-process implementation; a DeepSpeed engine can stand behind the same three
 calls (`backward`, `step`, `lr`), so `step.py` never knows which one it drives.
+
+The schedules are transformers' own (a linear warm-up, then constant, or a cosine decay to a floor of `0.1 * lr` at
+`total_steps`), read one step ahead: optimizer step `s` (0-based) runs with the schedule's value at `s + 1`, so a
+warm-up's first step is not spent at lr 0 (`lr * (s + 1) / warmup_steps`) and the last step runs at the floor.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Literal
 
 import torch
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
-
-def lr_lambda(warmup_steps: int, total_steps: int, schedule: Literal["constant", "cosine"]):
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
+COSINE_MIN_LR_RATE = 0.1  # the cosine schedule ends at this fraction of the peak learning rate
 
 
 def adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float, warmup_steps: int,
@@ -29,7 +27,17 @@ def adamw(params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: floa
     """AdamW over the trainable parameters and its warm-up + schedule (also handed to DeepSpeed by learners)."""
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay,
                                   betas=(0.9, 0.99))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, schedule))
+    # Optimizer step s uses the schedule's value at s + 1 (the scheduler starts one step in): with a warm-up the
+    # first step is not spent at lr 0, and the last one reaches the cosine floor.
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    if schedule == "constant":
+        scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps, last_epoch=0)
+    else:
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, num_warmup_steps=warmup_steps,
+                                                                 num_training_steps=total_steps,
+                                                                 min_lr_rate=COSINE_MIN_LR_RATE, last_epoch=0)
+    return optimizer, scheduler
 
 
 class TorchOptimizer:
@@ -40,7 +48,8 @@ class TorchOptimizer:
         self.params = self.optimizer.param_groups[0]["params"]
         self.max_grad_norm = max_grad_norm
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """Accumulate the gradient of `loss` (`last`: the final micro-batch before `step`; nothing to do here)."""
         loss.backward()
 
     def step(self) -> float:

@@ -98,7 +98,8 @@ def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequenc
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     length = response_ids.shape[1]
-    logits = model(**inputs, use_cache=False).logits[:, -length - 1:-1, :].float()
+    # the LM head runs on the response positions only (the logit at column j predicts token j + 1)
+    logits = model(**inputs, use_cache=False, logits_to_keep=length + 1).logits[:, :-1, :].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logprobs = F.log_softmax(logits, dim=-1)

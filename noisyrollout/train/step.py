@@ -9,11 +9,14 @@
     loss     = PPO-clip(logp, old_logp, adv)                      on the clean image, token-mean
 
 The heavy parts sit behind `engine` (generation) and `optimizer` (backward/step); nothing here knows
-whether they are local torch, DeepSpeed or vLLM.
+whether they are local torch, DeepSpeed or vLLM. With several learners each runs this on its own prompts, and
+`collective` adds up the few batch totals the formulas need (token and sequence counts, reward sums), so the
+update is the one a single learner would make on the whole batch (SPEC 1.6: token-mean over the batch).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from noisyrollout.algo.advantages import group_advantages
+from noisyrollout.algo.advantages import group_advantages, moments_from_sums
 from noisyrollout.algo.augment import distort
 from noisyrollout.algo.loss import policy_loss
 from noisyrollout.algo.reward import score_batch
@@ -31,6 +34,32 @@ from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
 from noisyrollout.train.metrics import RolloutScores, StepMetrics, reward_metrics
 from noisyrollout.train.scoring import (EncodedPrompts, cache_image_features, encode_prompts, pad_responses,
                                         response_logprobs)
+
+
+class Collective:
+    """Sums (and maxima) over the learners of a step: a torch.distributed all-reduce, the identity for one."""
+
+    def __init__(self, world_size: int = 1, device: torch.device | str = "cpu") -> None:
+        self.world_size = world_size
+        self.device = device   # nccl reduces CUDA tensors only
+
+    def _reduce(self, values: Sequence[float], op: str) -> list[float]:
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+        return t.tolist()
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, "SUM")
+
+    def max(self, values: Sequence[float]) -> list[float]:
+        return self._reduce(values, "MAX")
+
+
+LOCAL = Collective()
 
 
 @dataclass
@@ -81,9 +110,16 @@ class StepResult:
 
 def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model: Any, processor: Any,
                       engine: Engine, optimizer: Any, params: Params, generator: torch.Generator,
-                      ref_model: Any | None = None) -> StepResult:
-    """Run one rollout batch and its policy update(s)."""
+                      ref_model: Any | None = None, mini_batch_sizes: Sequence[int] | None = None,
+                      collective: Collective = LOCAL) -> StepResult:
+    """Run one rollout batch and its policy update(s).
+
+    `mini_batch_sizes`: how many of `batch`'s prompts (in order) form each mini-batch on this learner (see
+    `batching.shard_prompts`); None = `train.mini_batches` near-equal chunks (one learner).
+    """
     cfg, noise, roll = params.train, params.noise, params.rollout
+    if mini_batch_sizes is None:
+        mini_batch_sizes = [len(c) for c in torch.arange(len(batch.images)).tensor_split(cfg.mini_batches)]
     pad_id = processor.tokenizer.pad_token_id
     t0 = time.perf_counter()
 
@@ -103,25 +139,23 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     answers = [batch.answers[p] for p in rollouts.prompt_index.tolist()]
     scores = score_batch(rollouts.texts, answers, format_weight=cfg.format_weight, accuracy_only=cfg.accuracy_only)
     rewards = torch.tensor([s["overall"] for s in scores])
-    advantages = group_advantages(rewards, rollouts.prompt_index.tolist(), cfg.estimator)
+    advantages = batch_advantages(rewards, rollouts.prompt_index, cfg.estimator, collective)
     t_reward = time.perf_counter()
 
     # 5. Old (and reference) log-probs of EVERY response, conditioned on the CLEAN image.
     clean_prompts = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
     if params.model.freeze_vision:
         clean_prompts = cache_image_features(model, clean_prompts)   # encode each clean image once per step
-    with torch.no_grad():
-        old_logp, _ = response_logprobs(model, clean_prompts, rollouts.prompt_index.tolist(), rollouts.response_ids,
-                                        rollouts.response_mask, pad_id=pad_id, temperature=roll.temperature)
-        ref_logp = None
-        if ref_model is not None and cfg.kl_coef > 0:
-            ref_logp, _ = response_logprobs(ref_model, clean_prompts, rollouts.prompt_index.tolist(),
-                                            rollouts.response_ids, rollouts.response_mask, pad_id=pad_id,
-                                            temperature=roll.temperature)
+    every_row = torch.arange(len(rollouts.texts))
+    old_logp = logprobs_no_grad(model, clean_prompts, rollouts, every_row, params, pad_id)
+    ref_logp = None
+    if ref_model is not None and cfg.kl_coef > 0:
+        ref_logp = logprobs_no_grad(ref_model, clean_prompts, rollouts, every_row, params, pad_id)
     t_logp = time.perf_counter()
 
-    # 6. PPO-clip update(s) on the clean image: the rollout batch split into `mini_batches` whole-prompt chunks.
-    stats = _update(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params, pad_id)
+    # 6. PPO-clip update(s) on the clean image, one optimizer step per whole-prompt mini-batch.
+    stats = update_policy(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params, pad_id,
+                    mini_batch_sizes, collective)
     t_update = time.perf_counter()
 
     outcome = RolloutScores(rewards=rewards.tolist(), accuracy=[s["accuracy"] for s in scores],
@@ -135,25 +169,67 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     return StepResult(metrics=metrics, scores=outcome, rollouts=rollouts, old_logp=old_logp)
 
 
-def _update(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts: Rollouts, old_logp: torch.Tensor,
-            ref_logp: torch.Tensor | None, advantages: torch.Tensor, params: Params, pad_id: int) -> dict[str, float]:
+def logprobs_no_grad(model: Any, prompts: EncodedPrompts, rollouts: Rollouts, rows: torch.Tensor, params: Params,
+                      pad_id: int) -> torch.Tensor:
+    """Log-probs of `rows` in chunks of `train.micro_batch_size` responses (no collective: any chunking works)."""
+    size = params.train.micro_batch_size or max(len(rows), 1)
+    parts = []
+    with torch.no_grad():
+        for part in rows.split(size):
+            logp, _ = response_logprobs(model, prompts, rollouts.prompt_index[part].tolist(),
+                                        rollouts.response_ids[part], rollouts.response_mask[part], pad_id=pad_id,
+                                        temperature=params.rollout.temperature)
+            parts.append(logp)
+    return torch.cat(parts)
+
+
+def batch_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, estimator: str,
+                     collective: Collective = LOCAL) -> torch.Tensor:
+    """Advantages of this learner's responses. Groups are whole prompts, so they are local; reinforce_pp
+    whitens over the whole batch, every learner's rewards included."""
+    moments = None
+    if estimator == "reinforce_pp":
+        moments = moments_from_sums(*collective.sum([rewards.sum(), (rewards.double() ** 2).sum(), len(rewards)]))
+    return group_advantages(rewards, prompt_index.tolist(), estimator, batch_moments=moments)
+
+
+def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts: Rollouts, old_logp: torch.Tensor,
+            ref_logp: torch.Tensor | None, advantages: torch.Tensor, params: Params, pad_id: int,
+            mini_batch_sizes: Sequence[int], collective: Collective) -> dict[str, float]:
+    """One optimizer step per mini-batch, gradients accumulated over micro-batches.
+
+    Each micro-batch's loss uses the mini-batch's token (or sequence) count summed over ALL learners as its
+    denominator, and is multiplied by W because DeepSpeed averages gradients over the W learners: the step is
+    then the token-mean gradient of the whole mini-batch, whatever its split over learners and micro-batches.
+    Every learner runs the same number of backward calls (ZeRO reduces gradients in each): a learner with
+    fewer responses pads with zero-weight micro-batches. The returned loss statistics are this learner's
+    shares of the batch values (the driver adds them up), averaged over mini-batches.
+    """
     cfg = params.train
-    n_prompts = len(prompts.input_ids)
-    chunks = [c.tolist() for c in torch.arange(n_prompts).chunk(cfg.mini_batches)]
-    want_entropy = True  # logged every step; it joins the loss only when entropy_coef > 0
     sums = {"pg_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0}
-    for chunk in chunks:
-        rows = torch.nonzero(torch.isin(rollouts.prompt_index, torch.tensor(chunk))).flatten()
-        index = rollouts.prompt_index[rows].tolist()
-        logp, entropy = response_logprobs(model, prompts, index, rollouts.response_ids[rows],
-                                          rollouts.response_mask[rows], pad_id=pad_id,
-                                          temperature=params.rollout.temperature, with_entropy=want_entropy)
-        out = policy_loss(logp, old_logp[rows], advantages[rows], rollouts.response_mask[rows],
-                          clip_eps=cfg.clip_eps, entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(),
-                          entropy_coef=cfg.entropy_coef, ref_logp=None if ref_logp is None else ref_logp[rows],
-                          kl_coef=cfg.kl_coef, agg=cfg.loss_agg, norm_length=params.rollout.max_new_tokens)
-        optimizer.backward(out.loss)
+    start = 0
+    for size in mini_batch_sizes:
+        in_chunk = (rollouts.prompt_index >= start) & (rollouts.prompt_index < start + size)
+        start += size
+        rows = torch.nonzero(in_chunk).flatten()
+        batch_tokens, batch_seqs = collective.sum([rollouts.response_mask[rows].sum(), len(rows)])
+        most_rows = collective.max([len(rows)])[0]
+        n_micro = math.ceil(most_rows / cfg.micro_batch_size) if cfg.micro_batch_size else 1
+        for i, part in enumerate(rows.tensor_split(n_micro)):
+            weight = 1.0
+            if len(part) == 0:   # a learner with fewer responses than its peers: same backward count, no gradient
+                part, weight = rows[:1], 0.0
+            logp, entropy = response_logprobs(model, prompts, rollouts.prompt_index[part].tolist(),
+                                              rollouts.response_ids[part], rollouts.response_mask[part],
+                                              pad_id=pad_id, temperature=params.rollout.temperature, with_entropy=True)
+            out = policy_loss(logp, old_logp[part], advantages[part], rollouts.response_mask[part],
+                              clip_eps=cfg.clip_eps, entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(),
+                              entropy_coef=cfg.entropy_coef, ref_logp=None if ref_logp is None else ref_logp[part],
+                              kl_coef=cfg.kl_coef, agg=cfg.loss_agg, norm_length=params.rollout.max_new_tokens,
+                              batch_tokens=batch_tokens, batch_seqs=batch_seqs)
+            optimizer.backward(out.loss * (weight * collective.world_size), last=i == n_micro - 1)
+            if weight:
+                for key in ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl"):
+                    sums[key] += float(getattr(out, key))
         sums["grad_norm"] += optimizer.step()
-        for key in ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl"):
-            sums[key] += float(getattr(out, key))
-    return {k: v / len(chunks) for k, v in sums.items()}
+    return {k: v / len(mini_batch_sizes) for k, v in sums.items()}

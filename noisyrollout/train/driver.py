@@ -1,0 +1,199 @@
+"""The RL driver, the one loop of training: steps, metrics, MLflow, checkpoints and resume, over a learner group.
+
+    group     = LocalGroup (one learner in this process)  |  RayGroup (W DeepSpeed learners, launcher.py)
+    each step = group.step(s, T, prompts of step s)  ->  merged StepMetrics
+    driver    = metrics.jsonl + MLflow per step, an atomic checkpoint every `checkpoint.every` steps, the final
+                policy in `<train.output_dir>/model`
+
+Resume (`checkpoint.resume=auto`) continues from the newest checkpoint written with the same parameters,
+`train.steps` included (the schedules depend on it), and the same starting weights (a re-trained SFT policy is a
+new run). Steps the MLflow run already holds are not logged again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from tqdm.auto import tqdm
+
+from noisyrollout.config import Params
+from noisyrollout.errors import NoisyRolloutError
+from noisyrollout.train import checkpoint
+from noisyrollout.train.batching import batch_indices
+from noisyrollout.train.metrics import MetricsLog, StepMetrics
+
+
+@dataclass
+class RLResult:
+    model_dir: Path
+    metrics: list[StepMetrics]
+    run_id: str | None = None   # the MLflow run that tracked the training, if any
+
+
+class LearnerGroup(Protocol):
+    """The learners of a run, called together (every call is collective)."""
+
+    num_records: int
+
+    def step(self, step: int, total_steps: int, indices: list[int]) -> StepMetrics: ...
+    def save(self, checkpoint_dir: Path) -> None: ...
+    def load(self, checkpoint_dir: Path) -> None: ...
+    def save_hf(self, out_dir: Path) -> None: ...
+    def close(self) -> None: ...
+
+
+class LocalGroup:
+    """One learner in this process: plain torch, no Ray, no DeepSpeed (`cluster.trainer=local`)."""
+
+    def __init__(self, params: Params, init_dir: Path) -> None:
+        from noisyrollout.train.learner import Learner
+
+        self.learner = Learner(0, 1, params.model_dump(mode="json"), str(init_dir), distributed=False)
+        self.num_records = self.learner.setup()
+
+    def step(self, step: int, total_steps: int, indices: list[int]) -> StepMetrics:
+        metrics, scores = self.learner.step(step, total_steps, indices)
+        return StepMetrics.merge([metrics], [scores])
+
+    def save(self, checkpoint_dir: Path) -> None:
+        self.learner.save(str(checkpoint_dir))
+
+    def load(self, checkpoint_dir: Path) -> None:
+        self.learner.load(str(checkpoint_dir))
+
+    def save_hf(self, out_dir: Path) -> None:
+        self.learner.save_hf(str(out_dir))
+
+    def close(self) -> None:
+        pass
+
+
+def make_group(params: Params, init_dir: Path) -> LearnerGroup:
+    if params.cluster.trainer == "ray":
+        from noisyrollout.train.launcher import RayGroup
+
+        return RayGroup(params, init_dir)
+    return LocalGroup(params, init_dir)
+
+
+def _resume_point(params: Params, dumped: dict[str, Any], root: Path, fingerprint: str,
+                  log: Callable[[str], None]) -> Path | None:
+    """The checkpoint to continue from, if any; one written with other parameters is refused, never mixed in."""
+    mode = params.checkpoint.resume
+    if mode == "never":
+        shutil.rmtree(root, ignore_errors=True)   # start over: this run's checkpoints replace the old ones
+        return None
+    path = checkpoint.latest(root) if mode == "auto" else Path(mode)
+    if path is None:
+        _note_other_lengths(params, dumped, root.parent, log)
+        return None
+    if not (path / checkpoint.STATE_FILE).is_file():
+        raise NoisyRolloutError(f"{path}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
+    state = checkpoint.read_state(path)
+    if state.get("fingerprint") != fingerprint:
+        steps = state.get("train_steps")
+        why = (f"train.steps={steps}, not {params.train.steps} (the noise and LR schedules depend on it)"
+               if steps is not None and steps != params.train.steps else "other parameters")
+        raise NoisyRolloutError(f"{path} was written with {why}; choose another train.output_dir, or "
+                                f"-S checkpoint.resume=never to start over (its checkpoints are then replaced)")
+    return path
+
+
+def _note_other_lengths(params: Params, dumped: dict[str, Any], folders: Path, log: Callable[[str], None]) -> None:
+    """Say so when the only checkpoints of these parameters were written for another `train.steps`."""
+    core = checkpoint.params_fingerprint(dumped, ignore=("train.steps",))
+    for folder in sorted(folders.glob("*")) if folders.is_dir() else []:
+        last = checkpoint.latest(folder)
+        state = checkpoint.read_state(last) if last is not None else {}
+        if state.get("fingerprint_core") == core and state.get("train_steps") != params.train.steps:
+            log(f"not resuming {last}: it was written for train.steps={state['train_steps']}, and the noise and "
+                f"LR schedules (u = step / train.steps) depend on it; starting at step 0")
+            return
+
+
+def _tracker(params: Params, run_id: str | None) -> Any:
+    if not params.tracking.enabled:
+        return None
+    from noisyrollout.tracking import Tracker
+
+    tracker = Tracker(params.tracking.experiment, run_name=Path(params.train.output_dir).name, run_id=run_id,
+                      artifact_root=params.tracking.artifact_root)
+    if run_id is None:
+        tracker.log_params(params.model_dump(mode="json"))
+        tracker.log_system_info()
+    return tracker
+
+
+def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Callable[[str], None] = print,
+             on_step: Callable[[StepMetrics], None] | None = None,
+             group_factory: Callable[[Params, Path], LearnerGroup] = make_group) -> RLResult:
+    """NoisyRollout RL from the policy in `init_dir` with the learners of `cluster.*`; resumable from checkpoints."""
+    cfg = params.train
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_log = MetricsLog(out_dir / "metrics.jsonl")
+    # the run's identity: its parameters and the weights it starts from
+    dumped = {**params.model_dump(mode="json"), "init": checkpoint.init_identity(init_dir)}
+    fingerprint = checkpoint.params_fingerprint(dumped)
+    # one folder per parameter set: a sweep or a changed knob (dvc repro) starts fresh beside the old checkpoints
+    # instead of mixing them in, and switching back resumes the old set
+    ckpt_root = out_dir / "checkpoints" / fingerprint[:12]
+    resume_from = _resume_point(params, dumped, ckpt_root, fingerprint, log)   # checked before any learner starts
+    tracker = None
+    group: LearnerGroup | None = None
+    try:
+        group = group_factory(params, init_dir)
+        history: list[dict[str, Any]] = []
+        start, run_id = 0, None
+        if resume_from is not None:
+            group.load(resume_from)
+            state = checkpoint.read_state(resume_from)
+            start, history, run_id = state["step"], state["metrics"], state.get("mlflow_run_id")
+            log(f"resumed from {resume_from} at step {start}")
+        metrics_log.rewrite(history)
+        tracker = _tracker(params, run_id)
+        # steps after the checkpoint that the crashed run had already logged: recomputed, not logged twice
+        logged_upto = tracker.last_logged_step("noise/alpha") if tracker is not None and run_id else -1
+        bar = tqdm(range(start, cfg.steps), desc="rl", disable=not progress, initial=start, total=cfg.steps)
+        for step in bar:
+            metrics = group.step(step, cfg.steps, batch_indices(step, cfg.prompts_per_step, group.num_records,
+                                                                params.seed))
+            metrics_log.append(metrics)
+            history.append(asdict(metrics))
+            if tracker is not None and step > logged_upto:
+                tracker.log_metrics(metrics.to_dict(), step=step)
+            if on_step is not None:
+                on_step(metrics)
+            bar.set_postfix(clean=f"{metrics.reward_clean:.2f}", noisy=f"{metrics.reward_noisy:.2f}")
+            if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+                (bar.write if progress else log)(metrics.line())
+            every = params.checkpoint.every
+            if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):   # the last step too: rerun = no-op
+                tmp = checkpoint.staging_dir(ckpt_root, step + 1)
+                group.save(tmp)
+                state = {"step": step + 1, "metrics": history, "time": time.time(), "fingerprint": fingerprint,
+                         "fingerprint_core": checkpoint.params_fingerprint(dumped, ignore=("train.steps",)),
+                         "train_steps": cfg.steps, "mlflow_run_id": tracker.run_id if tracker is not None else None}
+                checkpoint.commit(tmp, state, params.checkpoint.keep_last)
+        model_dir = out_dir / "model"
+        group.save_hf(model_dir)
+        run_id = None
+        if tracker is not None:
+            from noisyrollout.tracking import plot_metrics
+
+            tracker.log_figure_png(plot_metrics(history, out_dir / "training.png"))
+            tracker.log_artifact_dir(model_dir, "model")
+            tracker.finish()
+            run_id = tracker.run_id
+        return RLResult(model_dir=model_dir, metrics=[StepMetrics(**m) for m in history], run_id=run_id)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        if group is not None:
+            group.close()
