@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from noisyrollout.algo.augment import distort
@@ -135,3 +136,48 @@ def test_a_checkpoints_generation_config_does_not_change_sampling(tiny_model_dir
     configured = [g.token_ids for g in engine.generate(prompts, sampling)]
     assert configured == plain
     assert model.generation_config.repetition_penalty == 50.0     # the model's own config is left as it was
+
+
+def test_skipping_the_redundant_old_logprob_pass_gives_the_same_update(tiny_model_dir, corpus_dir):
+    """With one mini-batch the old log-probs are the update's own (ratio 1): skipping the separate pass changes
+    nothing but the time."""
+    results = []
+    for recompute in (True, False):
+        params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir)
+        params = params.model_copy(update={"train": params.train.model_copy(update={"entropy_coef": 0.01})})
+        torch.manual_seed(0)
+        result = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine, optimizer=optimizer,
+                                   params=params, generator=torch.Generator().manual_seed(0),
+                                   recompute_old_logp=recompute)
+        results.append((result, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (plain, plain_weights), (fast, fast_weights) = results
+    assert torch.equal(plain.rollouts.response_ids, fast.rollouts.response_ids)    # same samples
+    assert torch.allclose(plain.old_logp, fast.old_logp, atol=1e-5)
+    assert plain.metrics.pg_loss == pytest.approx(fast.metrics.pg_loss, abs=1e-6)
+    assert plain.metrics.grad_norm == pytest.approx(fast.metrics.grad_norm, rel=1e-4)
+    assert torch.allclose(plain_weights, fast_weights, atol=1e-6)
+
+
+def test_clean_and_noisy_prompts_in_one_generate_call_give_the_two_call_samples(tiny_model_dir, corpus_dir):
+    """n_clean == n_noisy: one engine call for both kinds; greedy decoding shows the responses are the same as
+    with one call per kind, in the same groups and order."""
+    from noisyrollout.train.step import sample_rollouts
+
+    params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    noisy = [distort(img, "crop_fill", 0.4, 1.0, torch.Generator().manual_seed(1)) for img in batch.images]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
+    calls = []
+    original = engine._generate_batch   # the batched generate call: count the prompts each one decodes together
+    engine._generate_batch = lambda prompts, sp: calls.append(len(prompts)) or original(prompts, sp)
+    pad = processor.tokenizer.pad_token_id
+    together = sample_rollouts(engine, batch, noisy, n_clean=2, n_noisy=2, sampling=greedy, pad_id=pad)
+    assert calls == [6]
+    clean = sample_rollouts(engine, batch, None, n_clean=2, n_noisy=0, sampling=greedy, pad_id=pad)
+    apart = sample_rollouts(engine, PromptBatch(noisy, batch.problems, batch.answers), None, n_clean=2, n_noisy=0,
+                            sampling=greedy, pad_id=pad)
+    assert calls == [6, 3, 3]
+    for p in range(3):
+        rows = [t for t, i in zip(together.texts, together.prompt_index.tolist()) if i == p]
+        assert rows == [t for t, i in zip(clean.texts, clean.prompt_index.tolist()) if i == p] + \
+            [t for t, i in zip(apart.texts, apart.prompt_index.tolist()) if i == p]
+    assert together.is_noisy.tolist() == [False, False, True, True] * 3

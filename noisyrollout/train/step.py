@@ -6,6 +6,7 @@
     rewards  = score(response, answer)                            0.9 accuracy + 0.1 format
     adv      = group_advantages(rewards, prompt id)               clean + noisy form ONE group
     old_logp = logp(response | CLEAN image)                       for every response, noisy ones included
+                                                                  (the update's own, detached, with one mini-batch)
     loss     = PPO-clip(logp, old_logp, adv)                      on the clean image, token-mean
 
 The heavy parts sit behind `engine` (generation) and `optimizer` (backward/step); nothing here knows
@@ -84,16 +85,22 @@ class Rollouts:
 
 def sample_rollouts(engine: Engine, batch: PromptBatch, noisy_images: Sequence[Image.Image] | None, *,
                     n_clean: int, n_noisy: int, sampling: SamplingParams, pad_id: int) -> Rollouts:
-    """n_clean responses per clean image, n_noisy per distorted image, grouped by prompt."""
+    """n_clean responses per clean image, n_noisy per distorted image, grouped by prompt.
+
+    With n_clean == n_noisy the clean and distorted prompts go to the engine in ONE call, so they share the
+    decoding steps; otherwise one call per kind.
+    """
     per_prompt: list[list[tuple[list[int], str, bool]]] = [[] for _ in batch.images]
-    for images, n, noisy in ((batch.images, n_clean, False), (noisy_images, n_noisy, True)):
-        if n == 0 or images is None:
-            continue
-        prompts = [Prompt(image=img, text=q) for img, q in zip(images, batch.problems)]
-        params = SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+    kinds = [(images, n, noisy) for images, n, noisy in ((batch.images, n_clean, False), (noisy_images, n_noisy, True))
+             if n > 0 and images is not None]
+    calls = [kinds] if len(kinds) == 2 and n_clean == n_noisy else [[k] for k in kinds]
+    for call in calls:
+        prompts = [Prompt(image=img, text=q) for images, _, _ in call for img, q in zip(images, batch.problems)]
+        params = SamplingParams(n=call[0][1], temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_new_tokens=sampling.max_new_tokens)
-        for p, gen in enumerate(engine.generate(prompts, params)):
-            per_prompt[p] += [(ids, text, noisy) for ids, text in zip(gen.token_ids, gen.texts)]
+        flags = [noisy for images, _, noisy in call for _ in images]
+        for i, gen in enumerate(engine.generate(prompts, params)):
+            per_prompt[i % len(batch.images)] += [(ids, text, flags[i]) for ids, text in zip(gen.token_ids, gen.texts)]
     rows = [(p, *r) for p, responses in enumerate(per_prompt) for r in responses]
     response_ids, response_mask = pad_responses([ids for _, ids, _, _ in rows], pad_id)
     return Rollouts(prompt_index=torch.tensor([r[0] for r in rows]), is_noisy=torch.tensor([r[3] for r in rows]),
@@ -111,11 +118,13 @@ class StepResult:
 def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model: Any, processor: Any,
                       engine: Engine, optimizer: Any, params: Params, generator: torch.Generator,
                       ref_model: Any | None = None, mini_batch_sizes: Sequence[int] | None = None,
-                      collective: Collective = LOCAL) -> StepResult:
+                      collective: Collective = LOCAL, recompute_old_logp: bool = False) -> StepResult:
     """Run one rollout batch and its policy update(s).
 
     `mini_batch_sizes`: how many of `batch`'s prompts (in order) form each mini-batch on this learner (see
     `batching.shard_prompts`); None = `train.mini_batches` near-equal chunks (one learner).
+    `recompute_old_logp`: run the separate old-log-prob pass even where it is redundant (the plain path, for
+    tests and benchmarks).
     """
     cfg, noise, roll = params.train, params.noise, params.rollout
     if mini_batch_sizes is None:
@@ -146,16 +155,20 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     clean_prompts = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
     if params.model.freeze_vision:
         clean_prompts = cache_image_features(model, clean_prompts)   # encode each clean image once per step
+    # With one mini-batch the update's forward runs on the very weights that sampled, so the old log-probs ARE
+    # its log-probs (ratio exactly 1): the update takes logp.detach() and this pass is skipped.
     every_row = torch.arange(len(rollouts.texts))
-    old_logp = logprobs_no_grad(model, clean_prompts, rollouts, every_row, params, pad_id)
+    old_logp = None
+    if cfg.mini_batches > 1 or recompute_old_logp:
+        old_logp = logprobs_no_grad(model, clean_prompts, rollouts, every_row, params, pad_id)
     ref_logp = None
     if ref_model is not None and cfg.kl_coef > 0:
         ref_logp = logprobs_no_grad(ref_model, clean_prompts, rollouts, every_row, params, pad_id)
     t_logp = time.perf_counter()
 
     # 6. PPO-clip update(s) on the clean image, one optimizer step per whole-prompt mini-batch.
-    stats = update_policy(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params, pad_id,
-                    mini_batch_sizes, collective)
+    stats, old_logp = update_policy(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params,
+                                    pad_id, mini_batch_sizes, collective)
     t_update = time.perf_counter()
 
     outcome = RolloutScores(rewards=rewards.tolist(), accuracy=[s["accuracy"] for s in scores],
@@ -193,10 +206,13 @@ def batch_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, estimato
     return group_advantages(rewards, prompt_index.tolist(), estimator, batch_moments=moments)
 
 
-def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts: Rollouts, old_logp: torch.Tensor,
-            ref_logp: torch.Tensor | None, advantages: torch.Tensor, params: Params, pad_id: int,
-            mini_batch_sizes: Sequence[int], collective: Collective) -> dict[str, float]:
-    """One optimizer step per mini-batch, gradients accumulated over micro-batches.
+def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts: Rollouts,
+                  old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
+                  params: Params, pad_id: int, mini_batch_sizes: Sequence[int],
+                  collective: Collective) -> tuple[dict[str, float], torch.Tensor]:
+    """One optimizer step per mini-batch, gradients accumulated over micro-batches; returns the statistics and the
+    old log-probs used. `old_logp` None (one mini-batch only): the weights are still the sampling ones, so the
+    old log-probs are the forward's own, detached.
 
     Each micro-batch's loss uses the mini-batch's token (or sequence) count summed over ALL learners as its
     denominator, and is multiplied by W because DeepSpeed averages gradients over the W learners: the step is
@@ -206,6 +222,9 @@ def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts:
     shares of the batch values (the driver adds them up), averaged over mini-batches.
     """
     cfg = params.train
+    if old_logp is None and len(mini_batch_sizes) > 1:
+        raise ValueError("old_logp is required with several mini-batches (the weights change between them)")
+    used_old = torch.zeros(rollouts.response_ids.shape, dtype=torch.float32)
     sums = {"pg_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0, "kl": 0.0, "grad_norm": 0.0}
     start = 0
     for size in mini_batch_sizes:
@@ -222,7 +241,10 @@ def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts:
             logp, entropy = response_logprobs(model, prompts, rollouts.prompt_index[part].tolist(),
                                               rollouts.response_ids[part], rollouts.response_mask[part],
                                               pad_id=pad_id, temperature=params.rollout.temperature, with_entropy=True)
-            out = policy_loss(logp, old_logp[part], advantages[part], rollouts.response_mask[part],
+            old = logp.detach() if old_logp is None else old_logp[part].to(logp.device)
+            if weight:
+                used_old[part] = old.float().cpu()
+            out = policy_loss(logp, old, advantages[part], rollouts.response_mask[part],
                               clip_eps=cfg.clip_eps, entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(),
                               entropy_coef=cfg.entropy_coef, ref_logp=None if ref_logp is None else ref_logp[part],
                               kl_coef=cfg.kl_coef, agg=cfg.loss_agg, norm_length=params.rollout.max_new_tokens,
@@ -232,4 +254,4 @@ def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts:
                 for key in ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl"):
                     sums[key] += float(getattr(out, key))
         sums["grad_norm"] += optimizer.step()
-    return {k: v / len(mini_batch_sizes) for k, v in sums.items()}
+    return {k: v / len(mini_batch_sizes) for k, v in sums.items()}, used_old
