@@ -44,3 +44,16 @@ def test_fingerprint_ignores_logging_but_not_the_algorithm_or_the_run_length():
         base, ignore=("train.steps",))
     other = Params.model_validate({"rollout": {"n_noisy": 0}})
     assert checkpoint.params_fingerprint(other.model_dump(mode="json")) != fp
+
+
+def test_code_identity_changes_with_any_source_file(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "train").mkdir(parents=True)
+    (package / "train" / "step.py").write_text("x = 1\n")
+    (package / "notes.txt").write_text("not code")
+    before = checkpoint.code_identity(package)
+    (package / "notes.txt").write_text("still not code")
+    assert checkpoint.code_identity(package) == before
+    (package / "train" / "step.py").write_text("x = 2\n")
+    assert checkpoint.code_identity(package) != before
+    assert len(checkpoint.code_identity()) == 64           # the installed package itself

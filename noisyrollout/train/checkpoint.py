@@ -87,6 +87,17 @@ def init_identity(init: str | Path) -> str:
     return h.hexdigest()
 
 
+def code_identity(root: str | Path | None = None) -> str:
+    """A SHA-256 of the training code (every .py file of the `noisyrollout` package): after a code change (`dvc repro`
+    reruns `train`) the run starts fresh instead of resuming the old code's final checkpoint."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        h.update(str(file.relative_to(root)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
 def params_fingerprint(params: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     """A hash of the parameters that decide what a run computes (not where it logs); `ignore` drops more keys."""
     tree = json.loads(json.dumps(params, default=str))

@@ -6,8 +6,8 @@
                 policy in `<train.output_dir>/model`
 
 Resume (`checkpoint.resume=auto`) continues from the newest checkpoint written with the same parameters,
-`train.steps` included (the schedules depend on it), and the same starting weights (a re-trained SFT policy is a
-new run). Steps the MLflow run already holds are not logged again.
+`train.steps` included (the schedules depend on it), the same starting weights (a re-trained SFT policy is a
+new run) and the same training code (an edited trainer is a new run too). Steps the MLflow run already holds are not logged again.
 """
 
 from __future__ import annotations
@@ -136,8 +136,9 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_log = MetricsLog(out_dir / "metrics.jsonl")
-    # the run's identity: its parameters and the weights it starts from
-    dumped = {**params.model_dump(mode="json"), "init": checkpoint.init_identity(init_dir)}
+    # the run's identity: its parameters, the weights it starts from and the training code
+    dumped = {**params.model_dump(mode="json"), "init": checkpoint.init_identity(init_dir),
+              "code": checkpoint.code_identity()}
     fingerprint = checkpoint.params_fingerprint(dumped)
     # one folder per parameter set: a sweep or a changed knob (dvc repro) starts fresh beside the old checkpoints
     # instead of mixing them in, and switching back resumes the old set
