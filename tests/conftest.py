@@ -35,3 +35,14 @@ def tiny_model_dir(tmp_path_factory, corpus_dir) -> Path:
     out = tmp_path_factory.mktemp("tiny_model")
     create_embedded_model(texts, TinyModelConfig(vocab_size=400), out, seed=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU local Ray for one test module; the trainer sees it as an external cluster (it did not start it)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}})
+    yield ray
+    ray.shutdown()

@@ -22,16 +22,6 @@ def toy_params(corpus_dir, out_dir, **train) -> Params:
     })
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}})
-    yield ray
-    ray.shutdown()
-
-
 def test_two_learners_end_a_step_with_identical_parameters(ray_cluster, corpus_dir, tiny_model_dir, tmp_path):
     from noisyrollout.train.batching import batch_indices
     from noisyrollout.train.launcher import RayGroup

@@ -49,16 +49,6 @@ def test_micro_batches_and_mini_batch_split_give_the_whole_batch_gradient(tiny_m
     torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}})
-    yield ray
-    ray.shutdown()
-
-
 CASES = [  # (train overrides): the W=2 side also splits into micro-batches of one response (zero-weight padding)
     {"estimator": "grpo", "loss_agg": "token-mean"},
     {"estimator": "reinforce_pp", "loss_agg": "seq-mean-token-sum-norm"},

@@ -80,7 +80,7 @@ def make_group(params: Params, init_dir: Path) -> LearnerGroup:
     return LocalGroup(params, init_dir)
 
 
-def _resume_point(params: Params, dumped: dict[str, Any], root: Path, fingerprint: str,
+def _resume_point(params: Params, root: Path, fingerprint: str, core: str,
                   log: Callable[[str], None]) -> Path | None:
     """The checkpoint to continue from, if any; one written with other parameters is refused, never mixed in."""
     mode = params.checkpoint.resume
@@ -89,7 +89,7 @@ def _resume_point(params: Params, dumped: dict[str, Any], root: Path, fingerprin
         return None
     path = checkpoint.latest(root) if mode == "auto" else Path(mode)
     if path is None:
-        _note_other_lengths(params, dumped, root.parent, log)
+        _note_other_lengths(params, core, root.parent, log)
         return None
     if not (path / checkpoint.STATE_FILE).is_file():
         raise NoisyRolloutError(f"{path}: not a complete checkpoint (no {checkpoint.STATE_FILE})")
@@ -103,9 +103,9 @@ def _resume_point(params: Params, dumped: dict[str, Any], root: Path, fingerprin
     return path
 
 
-def _note_other_lengths(params: Params, dumped: dict[str, Any], folders: Path, log: Callable[[str], None]) -> None:
-    """Say so when the only checkpoints of these parameters were written for another `train.steps`."""
-    core = checkpoint.params_fingerprint(dumped, ignore=("train.steps",))
+def _note_other_lengths(params: Params, core: str, folders: Path, log: Callable[[str], None]) -> None:
+    """Say so when the only checkpoints of these parameters (`core`: their fingerprint without train.steps) were
+    written for another `train.steps`."""
     for folder in sorted(folders.glob("*")) if folders.is_dir() else []:
         last = checkpoint.latest(folder)
         state = checkpoint.read_state(last) if last is not None else {}
@@ -140,10 +140,11 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
     dumped = {**params.model_dump(mode="json"), "init": checkpoint.init_identity(init_dir),
               "code": checkpoint.code_identity()}
     fingerprint = checkpoint.params_fingerprint(dumped)
+    core = checkpoint.params_fingerprint(dumped, ignore=("train.steps",))
     # one folder per parameter set: a sweep or a changed knob (dvc repro) starts fresh beside the old checkpoints
     # instead of mixing them in, and switching back resumes the old set
     ckpt_root = out_dir / "checkpoints" / fingerprint[:12]
-    resume_from = _resume_point(params, dumped, ckpt_root, fingerprint, log)   # checked before any learner starts
+    resume_from = _resume_point(params, ckpt_root, fingerprint, core, log)   # checked before any learner starts
     tracker = None
     group: LearnerGroup | None = None
     try:
@@ -177,7 +178,7 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
                 tmp = checkpoint.staging_dir(ckpt_root, step + 1)
                 group.save(tmp)
                 state = {"step": step + 1, "metrics": history, "time": time.time(), "fingerprint": fingerprint,
-                         "fingerprint_core": checkpoint.params_fingerprint(dumped, ignore=("train.steps",)),
+                         "fingerprint_core": core,
                          "train_steps": cfg.steps, "mlflow_run_id": tracker.run_id if tracker is not None else None}
                 checkpoint.commit(tmp, state, params.checkpoint.keep_last)
         model_dir = out_dir / "model"

@@ -32,6 +32,7 @@ from noisyrollout.algo.reward import score_batch
 from noisyrollout.algo.schedule import anneal
 from noisyrollout.config import Params
 from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
+from noisyrollout.train.batching import shard_prompts
 from noisyrollout.train.metrics import RolloutScores, StepMetrics, reward_metrics
 from noisyrollout.train.scoring import (EncodedPrompts, cache_image_features, encode_prompts, pad_responses,
                                         response_logprobs)
@@ -128,7 +129,7 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     """
     cfg, noise, roll = params.train, params.noise, params.rollout
     if mini_batch_sizes is None:
-        mini_batch_sizes = [len(c) for c in torch.arange(len(batch.images)).tensor_split(cfg.mini_batches)]
+        mini_batch_sizes = [len(c) for c in shard_prompts(len(batch.images), 1, cfg.mini_batches)[0]]
     pad_id = processor.tokenizer.pad_token_id
     t0 = time.perf_counter()
 
