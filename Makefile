@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pytest arguments for `make test` (e.g. make test PYTEST_ARGS="-m 'not slow'").
 PYTEST_ARGS ?=
 
-.PHONY: run test install clean
+.PHONY: run test install bench clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -31,6 +31,16 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(WITH_VENV) python -m pytest $(PYTEST_ARGS)
+
+# Performance benchmarks -> BENCHMARKS.md (needs `make run` first for the SFT model and prepared data; ~15 min).
+# TRL (the comparison) is the optional `bench` extra, installed here only, never by `make run`.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -c constraints.txt -e ".[test,bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(WITH_VENV) python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf runs reports

@@ -16,6 +16,7 @@ import torch
 
 from noisyrollout.config import Params
 from noisyrollout.errors import DataError, NoisyRolloutError
+from noisyrollout.timing import model_work, record as record_time
 
 Log = Callable[[str], None]
 
@@ -114,7 +115,8 @@ def build_model(params: Params, log: Log = print) -> Path:
     texts += list(train["problem"]) + [f"\\boxed{{{a}}}" for a in train["answer"]]
     if "solution" in train.column_names:
         texts += list(train["solution"])
-    model = create_embedded_model(texts, params.model.tiny, out, seed=params.seed)
+    with model_work("build model"):
+        model = create_embedded_model(texts, params.model.tiny, out, seed=params.seed)
     n = sum(p.numel() for p in model.parameters())
     log(f"model: tiny Qwen2.5-VL with {n / 1e6:.2f}M parameters -> {out}")
     return out
@@ -129,9 +131,10 @@ def _validate_model(model_dir: Path, params: Params, desc: str) -> dict[str, Any
                                       batch_size=params.val.batch_size, dtype=params.model.dtype)
     examples = load_records(prepared(params), "val", params, params.val.limit)
     kw = dict(max_new_tokens=params.val.max_new_tokens, batch_size=params.val.batch_size, seed=params.seed)
-    clean = validate(engine, examples, desc=f"{desc} clean", **kw)
-    noisy = validate(engine, examples, distortion=params.noise.distortion, strength=params.noise.alpha0,
-                     desc=f"{desc} noisy", **kw)
+    with model_work(f"{desc} decode"):
+        clean = validate(engine, examples, desc=f"{desc} clean", **kw)
+        noisy = validate(engine, examples, distortion=params.noise.distortion, strength=params.noise.alpha0,
+                         desc=f"{desc} noisy", **kw)
     return {"clean": clean, "noisy": noisy}
 
 
@@ -180,7 +183,8 @@ def sft(params: Params, log: Log = print) -> dict[str, Any]:
     processor = load_processor(base, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels)
     model = load_model(base, dtype=params.model.dtype)
     examples = load_records(prepared(params), "train", params)
-    losses = run_sft(model, processor, examples, params)
+    with model_work("sft steps"):
+        losses = run_sft(model, processor, examples, params)
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
     val = _validate_model(out / "model", params, "sft val")
@@ -221,6 +225,7 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
     load_examples(prepared(params), split="train")  # bad rows fail here, before any learner starts
     require_model(init)
     result = train_rl(params, init, log=log)
+    record_time("rl steps", sum(m.time_step for m in result.metrics))   # measured inside the learner(s)
     val = _validate_model(result.model_dir, params, "rl val")
     summary = {"val": val, "steps": len(result.metrics), "mlflow_run_id": result.run_id}
     (Path(params.train.output_dir) / "val.json").write_text(json.dumps(summary, indent=2))
@@ -284,10 +289,12 @@ def evaluate(params: Params, log: Log = print, predictions_from: Path | None = N
             engine = HFEngine.from_pretrained(model_dir, system_prompt=params.model.system_prompt,
                                               batch_size=cfg.batch_size, dtype=params.model.dtype)
         sampling = SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
-        summary = run_eval(engine, data_dir=cfg.data_dir, corpus_dir=Path(params.data.prepared_dir), datasets=cfg.datasets,
-                           output_dir=Path(cfg.output_dir), sampling=sampling, judge=judge, limit=cfg.limit,
-                           batch_size=cfg.batch_size, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                           config={"model": str(model_dir), "system_prompt": params.model.system_prompt})
+        with model_work("evaluate decode"):
+            summary = run_eval(engine, data_dir=cfg.data_dir, corpus_dir=Path(params.data.prepared_dir),
+                               datasets=cfg.datasets, output_dir=Path(cfg.output_dir), sampling=sampling, judge=judge,
+                               limit=cfg.limit, batch_size=cfg.batch_size, min_pixels=cfg.min_pixels,
+                               max_pixels=cfg.max_pixels,
+                               config={"model": str(model_dir), "system_prompt": params.model.system_prompt})
     log(render_markdown(summary))
     log(f"eval: results in {cfg.output_dir}")
     if record:

@@ -240,3 +240,15 @@ def test_stuck_worker_is_killed(monkeypatch):
     start = time.perf_counter()
     assert off_main_thread(grade_answer, "x+1", "2", timeout_s=1) is False
     assert time.perf_counter() - start < 8.0
+
+
+INTEGER_PAIRS = [("3", "3"), ("3", "4"), ("-2", "2"), ("+7", "7"), ("007", "7"), ("0", "-0"), ("10", "1"),
+                 ("123456789012", "123456789012"), ("5", "05"), ("12", "21")]
+
+
+@pytest.mark.parametrize("prediction,ground_truth", INTEGER_PAIRS)
+def test_integer_fast_path_agrees_with_math_verify(prediction, ground_truth):
+    """Two plain integers skip math-verify: the verdict must be the one math-verify gives."""
+    from noisyrollout.algo.reward import _math_verify_equal
+
+    assert grade_answer(prediction, ground_truth) == _math_verify_equal(ground_truth, prediction, 3)

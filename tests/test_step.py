@@ -181,3 +181,85 @@ def test_clean_and_noisy_prompts_in_one_generate_call_give_the_two_call_samples(
         assert rows == [t for t, i in zip(clean.texts, clean.prompt_index.tolist()) if i == p] + \
             [t for t, i in zip(apart.texts, apart.prompt_index.tolist()) if i == p]
     assert together.is_noisy.tolist() == [False, False, True, True] * 3
+
+
+@pytest.mark.parametrize("frozen_vision", [True, False])
+def test_prompts_computed_once_per_group_give_the_plain_logprobs_and_gradient(tiny_model_dir, corpus_dir,
+                                                                              frozen_vision):
+    """Each prompt run once, its KV cache shared by its responses: the same log-probs, entropies and gradient as
+    running every [prompt | response] sequence whole, for partial groups in any order and prompts of different
+    lengths (left padding), with the vision tower's features cached or computed in the pass."""
+    from noisyrollout.train.scoring import cache_image_features
+
+    params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    pad = processor.tokenizer.pad_token_id
+    prompts = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
+    assert len({len(ids) for ids in prompts.input_ids}) > 1            # the prompts need left padding
+    if frozen_vision:
+        prompts = cache_image_features(model, prompts)
+    else:
+        vision_tower(model).requires_grad_(True)
+    index = [2, 0, 2, 0, 1, 2]                                         # partial groups, in mixed order
+    lengths = [8, 3, 5, 8, 1, 6]                                        # responses of different lengths
+    words = torch.randint(16, len(processor.tokenizer), (len(index), 8), generator=torch.Generator().manual_seed(0))
+    response, mask = pad_responses([words[i, :n].tolist() for i, n in enumerate(lengths)], pad)
+    assert mask.sum(-1).tolist() == lengths
+
+    def run(share):
+        model.zero_grad()
+        logp, entropy = response_logprobs(model, prompts, index, response, mask, pad_id=pad, temperature=0.7,
+                                          with_entropy=True, share_prompts=share)
+        ((logp * torch.linspace(-1, 1, len(index)).unsqueeze(1)).sum() + entropy.sum()).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return logp.detach(), entropy.detach(), grad
+
+    plain, shared = run(False), run(True)
+    assert torch.allclose(shared[0], plain[0], atol=1e-5)
+    assert torch.allclose(shared[1], plain[1], atol=1e-5)
+    assert (shared[0][~mask] == 0).all()
+    assert (shared[2] - plain[2]).norm() <= 1e-5 * plain[2].norm()
+    if not frozen_vision:   # the vision tower is trained through the shared prompt too
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision_tower(model).parameters()
+                   if p.ndim > 1)
+
+
+def test_prompt_sharing_keeps_the_step_exact(tiny_model_dir, corpus_dir):
+    """A whole step with the shared-prompt passes makes the plain step's update: same samples, loss, weights."""
+    results = []
+    for share in (False, True):
+        params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir)
+        params = params.model_copy(update={"train": params.train.model_copy(update={"mini_batches": 2,
+                                                                                          "entropy_coef": 0.01})})
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        torch.manual_seed(0)
+        result = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine, optimizer=optimizer,
+                                   params=params, generator=torch.Generator().manual_seed(0), share_prompts=share)
+        results.append((result, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (plain, plain_weights), (shared, shared_weights) = results
+    assert torch.equal(plain.rollouts.response_ids, shared.rollouts.response_ids)
+    assert torch.allclose(plain.old_logp, shared.old_logp, atol=1e-5)
+    assert plain.metrics.pg_loss == pytest.approx(shared.metrics.pg_loss, abs=1e-6)
+    assert torch.allclose(plain_weights, shared_weights, atol=1e-5)   # two AdamW steps of ~1e-3 each
+    assert (shared_weights - before).abs().max() > 1e-4                 # the step did move the weights
+
+
+@pytest.mark.parametrize("cache_vision", [True, False])
+def test_prompt_run_once_per_group_in_generation_samples_the_same_tokens(tiny_model_dir, corpus_dir, cache_vision):
+    """generate continuing n samples from one prefill of each prompt draws exactly the tokens of
+    num_return_sequences=n (same seed), and leaves no M-RoPE state behind for the next call."""
+    params, processor, model, _, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    prompts = [Prompt(img, q) for img, q in zip(batch.images, batch.problems)]
+    sampling = SamplingParams(n=4, temperature=1.0, max_new_tokens=8)
+    outs = []
+    for share in (False, True):
+        engine = HFEngine(model, processor, system_prompt=params.model.system_prompt, cache_vision=cache_vision,
+                          share_prompts=share)
+        calls = []
+        original = engine.prefill_shared
+        engine.prefill_shared = lambda inputs, n: calls.append(n) or original(inputs, n)
+        torch.manual_seed(0)
+        outs.append([g.token_ids for g in engine.generate(prompts, sampling)])
+        assert calls == ([4] if share else [])
+        assert model.model.rope_deltas is None
+    assert outs[0] == outs[1]
+    assert len({tuple(ids) for ids in outs[1][0]}) > 1      # really sampled: the 4 samples of a prompt differ

@@ -46,11 +46,14 @@ class HFEngine:
     """Engine protocol over a transformers image-text-to-text model and its processor."""
 
     def __init__(self, model: Any, processor: Any, *, system_prompt: str | None, batch_size: int = 64,
-                 cache_vision: bool = False) -> None:
+                 cache_vision: bool = False, share_prompts: bool = True) -> None:
         """`cache_vision` (for a frozen vision tower): encode each prompt's image once and hand the features to
-        `generate`, instead of letting it encode the image again for each of the n samples."""
+        `generate`, instead of letting it encode the image again for each of the n samples.
+        `share_prompts`: with n > 1 samples per prompt, run each prompt once and start all n samples from its KV
+        cache (`prefill_shared`), instead of letting `generate` run the prompt n times."""
         self.model = model
         self.cache_vision = cache_vision
+        self.share_prompts = share_prompts
         self.processor = processor
         self.system_prompt = system_prompt
         self.batch_size = batch_size
@@ -85,7 +88,7 @@ class HFEngine:
         tok.padding_side = "left"
         texts = [chat_text(self.processor, p.text, self.system_prompt) for p in prompts]
         inputs = self.processor(text=texts, images=[p.image for p in prompts], padding=True, return_tensors="pt")
-        inputs = inputs.to(self.model.device)
+        inputs = dict(inputs.to(self.model.device))
         if self.cache_vision:
             with torch.no_grad():
                 features = self.model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
@@ -101,16 +104,43 @@ class HFEngine:
         self.model.generation_config = neutral_generation_config(saved_config)
         self.model.eval()
         try:
+            n = params.n
+            if self.share_prompts and n > 1:
+                inputs, n = self.prefill_shared(inputs, n), 1
             sequences = self.model.generate(
-                **inputs, do_sample=not greedy, num_return_sequences=params.n, max_new_tokens=params.max_new_tokens,
+                **inputs, do_sample=not greedy, num_return_sequences=n, max_new_tokens=params.max_new_tokens,
                 suppress_tokens=self.suppress_ids or None, pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids), use_cache=True, **sampling,
             )
         finally:
             self.model.generation_config = saved_config
             self.model.train(was_training)
+            self.model.model.rope_deltas = None   # set by prefill_shared or generate: never reuse it across calls
         generated = sequences[:, inputs["input_ids"].shape[1]:].tolist()
         rows = [trim_response(ids, self.eos_ids, self.pad_id) for ids in generated]
         texts_out = tok.batch_decode(rows, skip_special_tokens=True)
         return [Generation(token_ids=rows[i * params.n:(i + 1) * params.n], texts=texts_out[i * params.n:(i + 1) * params.n])
                 for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def prefill_shared(self, inputs: dict[str, Any], n: int) -> dict[str, Any]:
+        """Run each (left-padded) prompt once, all but its last token, and return `generate` inputs for its n samples
+        that continue from that KV cache: the same tokens as `num_return_sequences=n`, with the prompt computed
+        once instead of n times.
+
+        This is transformers' documented continuation from a cache: `generate` gets the full prompt ids and mask,
+        runs only the uncached last token, and, for Qwen2.5-VL, takes the M-RoPE offsets of text after the image
+        from `model.model.rope_deltas`, which we set as its own prefill would.
+        """
+        core = self.model.model
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        types, grid = inputs["mm_token_type_ids"], inputs["image_grid_thw"]
+        positions, deltas = core.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
+        vision = {k: inputs[k] for k in ("pixel_values", "mm_encoder_outputs") if k in inputs}
+        head = core(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[..., :-1],
+                    mm_token_type_ids=types[:, :-1], image_grid_thw=grid, use_cache=True, **vision)
+        cache = head.cache
+        cache.batch_repeat_interleave(n)
+        core.rope_deltas = deltas.repeat_interleave(n, dim=0)
+        return {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0),
+                "cache": cache}

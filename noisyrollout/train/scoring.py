@@ -89,17 +89,80 @@ def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], respon
     return inputs
 
 
+def prompt_batch(prompts: EncodedPrompts, prompt_index: Sequence[int], *, pad_id: int,
+                 image_token_id: int) -> dict[str, Any]:
+    """Model inputs for the prompts `prompt_index`, left-padded to one width (no responses)."""
+    width = max(len(prompts.input_ids[p]) for p in prompt_index)
+    ids = torch.full((len(prompt_index), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_index), width), dtype=torch.long)
+    for row, p in enumerate(prompt_index):
+        seq = prompts.input_ids[p]
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token_id).int(),
+                              "image_grid_thw": prompts.image_grid_thw[list(prompt_index)]}
+    if prompts.features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs["mm_encoder_outputs"] = {
+            "image": BaseModelOutputWithPooling(pooler_output=[prompts.features[p] for p in prompt_index])}
+    else:
+        inputs["pixel_values"] = torch.cat([prompts.pixel_values[p] for p in prompt_index])
+    return inputs
+
+
+def shared_prompt_hidden(model: Any, prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
+                         response_mask: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """Final hidden states at the positions predicting each response token, shape (n, L, hidden), computing each
+    DISTINCT prompt once: the prompts run alone (with gradient), their KV cache is gathered to the responses'
+    rows, and the responses run on top of it. The same numbers as running every `[prompt | response]` sequence
+    whole (`build_sequences`), with the prompt computed once per group instead of n times.
+
+    M-RoPE positions are the plain path's: the prompt's from `get_rope_index`, then text positions that continue
+    from the prompt's largest one, as for any text after the image.
+    """
+    core = model.model
+    distinct = list(dict.fromkeys(prompt_index))
+    slot = {p: i for i, p in enumerate(distinct)}
+    rows = torch.tensor([slot[p] for p in prompt_index])
+    device = next(model.parameters()).device
+    inputs = prompt_batch(prompts, distinct, pad_id=pad_id, image_token_id=model.config.image_token_id)
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    positions, _ = core.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                       image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
+    head = core(**inputs, position_ids=positions, use_cache=True)
+    cache = head.cache
+    cache.batch_select_indices(rows.to(device))    # each response row reads its prompt's keys and values
+    length = response_ids.shape[1]
+    start = positions.amax(dim=(0, 2)) + 1            # first text position after each prompt
+    response_positions = (start[rows.to(device)].unsqueeze(1) + torch.arange(length, device=device)).expand(3, -1, -1)
+    mask = torch.cat([inputs["attention_mask"][rows.to(device)], response_mask.to(device).long()], dim=1)
+    tail = core(input_ids=response_ids.to(device).masked_fill(~response_mask.to(device).bool(), pad_id),
+                attention_mask=mask, position_ids=response_positions, cache=cache, use_cache=True)
+    # the prompt's last position predicts response token 0; response position j predicts token j + 1
+    last = head.last_hidden_state[:, -1][rows.to(device)].unsqueeze(1)
+    return torch.cat([last, tail.last_hidden_state[:, :-1]], dim=1)
+
+
 def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
                       response_mask: torch.Tensor, *, pad_id: int, temperature: float = 1.0,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log p(response | prompt) of shape (n, L) (0 where masked), and the token entropy if asked."""
-    inputs = build_sequences(prompts, prompt_index, response_ids, response_mask, pad_id=pad_id,
-                             image_token_id=model.config.image_token_id)
+                      with_entropy: bool = False, share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p(response | prompt) of shape (n, L) (0 where masked), and the token entropy if asked.
+
+    `share_prompts`: compute each distinct prompt once for all its responses (`shared_prompt_hidden`); False runs
+    each `[prompt | response]` sequence whole (the plain path, kept as the reference in tests and benchmarks).
+    """
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     length = response_ids.shape[1]
-    # the LM head runs on the response positions only (the logit at column j predicts token j + 1)
-    logits = model(**inputs, use_cache=False, logits_to_keep=length + 1).logits[:, :-1, :].float()
+    if share_prompts and len(set(prompt_index)) < len(prompt_index):   # one response per prompt: nothing to share
+        hidden = shared_prompt_hidden(model, prompts, prompt_index, response_ids, response_mask, pad_id=pad_id)
+        logits = model.lm_head(hidden).float()
+    else:
+        inputs = build_sequences(prompts, prompt_index, response_ids, response_mask, pad_id=pad_id,
+                                 image_token_id=model.config.image_token_id)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        # the LM head runs on the response positions only (the logit at column j predicts token j + 1)
+        logits = model(**inputs, use_cache=False, logits_to_keep=length + 1).logits[:, :-1, :].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logprobs = F.log_softmax(logits, dim=-1)

@@ -119,13 +119,16 @@ class StepResult:
 def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model: Any, processor: Any,
                       engine: Engine, optimizer: Any, params: Params, generator: torch.Generator,
                       ref_model: Any | None = None, mini_batch_sizes: Sequence[int] | None = None,
-                      collective: Collective = LOCAL, recompute_old_logp: bool = False) -> StepResult:
+                      collective: Collective = LOCAL, recompute_old_logp: bool = False,
+                      share_prompts: bool = True) -> StepResult:
     """Run one rollout batch and its policy update(s).
 
     `mini_batch_sizes`: how many of `batch`'s prompts (in order) form each mini-batch on this learner (see
     `batching.shard_prompts`); None = `train.mini_batches` near-equal chunks (one learner).
     `recompute_old_logp`: run the separate old-log-prob pass even where it is redundant (the plain path, for
     tests and benchmarks).
+    `share_prompts`: compute each prompt once for all its responses in the log-prob passes (exact); False runs
+    every `[prompt | response]` sequence whole (the plain path).
     """
     cfg, noise, roll = params.train, params.noise, params.rollout
     if mini_batch_sizes is None:
@@ -161,15 +164,15 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     every_row = torch.arange(len(rollouts.texts))
     old_logp = None
     if cfg.mini_batches > 1 or recompute_old_logp:
-        old_logp = logprobs_no_grad(model, clean_prompts, rollouts, every_row, params, pad_id)
+        old_logp = logprobs_no_grad(model, clean_prompts, rollouts, every_row, params, pad_id, share_prompts)
     ref_logp = None
     if ref_model is not None and cfg.kl_coef > 0:
-        ref_logp = logprobs_no_grad(ref_model, clean_prompts, rollouts, every_row, params, pad_id)
+        ref_logp = logprobs_no_grad(ref_model, clean_prompts, rollouts, every_row, params, pad_id, share_prompts)
     t_logp = time.perf_counter()
 
     # 6. PPO-clip update(s) on the clean image, one optimizer step per whole-prompt mini-batch.
     stats, old_logp = update_policy(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params,
-                                    pad_id, mini_batch_sizes, collective)
+                                    pad_id, mini_batch_sizes, collective, share_prompts)
     t_update = time.perf_counter()
 
     outcome = RolloutScores(rewards=rewards.tolist(), accuracy=[s["accuracy"] for s in scores],
@@ -184,7 +187,7 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
 
 
 def logprobs_no_grad(model: Any, prompts: EncodedPrompts, rollouts: Rollouts, rows: torch.Tensor, params: Params,
-                      pad_id: int) -> torch.Tensor:
+                      pad_id: int, share_prompts: bool = True) -> torch.Tensor:
     """Log-probs of `rows` in chunks of `train.micro_batch_size` responses (no collective: any chunking works)."""
     size = params.train.micro_batch_size or max(len(rows), 1)
     parts = []
@@ -192,7 +195,7 @@ def logprobs_no_grad(model: Any, prompts: EncodedPrompts, rollouts: Rollouts, ro
         for part in rows.split(size):
             logp, _ = response_logprobs(model, prompts, rollouts.prompt_index[part].tolist(),
                                         rollouts.response_ids[part], rollouts.response_mask[part], pad_id=pad_id,
-                                        temperature=params.rollout.temperature)
+                                        temperature=params.rollout.temperature, share_prompts=share_prompts)
             parts.append(logp)
     return torch.cat(parts)
 
@@ -210,7 +213,7 @@ def batch_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, estimato
 def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts: Rollouts,
                   old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None, advantages: torch.Tensor,
                   params: Params, pad_id: int, mini_batch_sizes: Sequence[int],
-                  collective: Collective) -> tuple[dict[str, float], torch.Tensor]:
+                  collective: Collective, share_prompts: bool = True) -> tuple[dict[str, float], torch.Tensor]:
     """One optimizer step per mini-batch, gradients accumulated over micro-batches; returns the statistics and the
     old log-probs used. `old_logp` None (one mini-batch only): the weights are still the sampling ones, so the
     old log-probs are the forward's own, detached.
@@ -241,7 +244,8 @@ def update_policy(model: Any, optimizer: Any, prompts: EncodedPrompts, rollouts:
                 part, weight = rows[:1], 0.0
             logp, entropy = response_logprobs(model, prompts, rollouts.prompt_index[part].tolist(),
                                               rollouts.response_ids[part], rollouts.response_mask[part],
-                                              pad_id=pad_id, temperature=params.rollout.temperature, with_entropy=True)
+                                              pad_id=pad_id, temperature=params.rollout.temperature, with_entropy=True,
+                                              share_prompts=share_prompts)
             old = logp.detach() if old_logp is None else old_logp[part].to(logp.device)
             if weight:
                 used_old[part] = old.float().cpu()

@@ -1,0 +1,109 @@
+"""Our side of `make bench`: NoisyRollout steps timed in one process, as `cluster.trainer=local` runs them.
+
+Each call builds one learner (`noisyrollout.train.learner.Learner`, plain torch, no Ray) on a model folder and the
+prepared train split, runs `warmup` untimed steps and `steps` timed ones, and reports medians of the step and of each
+phase. `--plain` turns the exact shortcuts off (the separate old-log-prob pass, and the prompt computed for every
+response instead of once per group) to measure what they buy. Run as a subprocess so its peak RSS is its own:
+
+    python -m bench.ours --model-dir runs/embedded/sft/model --steps 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisyrollout.config import load_params
+from noisyrollout.train.step import PromptBatch, noisyrollout_step
+
+PHASES = ("time_generate", "time_reward", "time_logprob", "time_update", "time_step")
+
+
+def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_step: int = 16, n_clean: int = 4,
+             n_noisy: int = 4, max_new_tokens: int = 24, threads: int = 2, seed: int = 0, plain: bool = False,
+             params_file: str = "params.yaml", overrides: list[str] | None = None,
+             profile_dir: Path | None = None) -> dict[str, Any]:
+    """Median step time and phase times of `steps` NoisyRollout steps after `warmup` untimed ones."""
+    from noisyrollout.train.learner import Learner
+
+    torch.set_num_threads(threads)
+    params = load_params(params_file, [
+        f"seed={seed}", f"threads={threads}", "cluster.trainer=local", f"train.prompts_per_step={prompts_per_step}",
+        f"train.steps={warmup + steps}", f"rollout.n_clean={n_clean}", f"rollout.n_noisy={n_noisy}",
+        f"rollout.max_new_tokens={max_new_tokens}", *(overrides or [])])
+    learner = Learner(0, 1, params.model_dump(mode="json"), str(model_dir), distributed=False)
+    learner.setup()
+    total = warmup + steps
+    rows: list[dict[str, float]] = []
+    tokens: list[float] = []
+    profiler = None
+    for step in range(total):
+        # the first total * prompts_per_step train records, in order: the same prompts the TRL side is given
+        chosen = learner.records[step * prompts_per_step:(step + 1) * prompts_per_step]
+        batch = PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
+                            answers=[r["answer"] for r in chosen])
+        if profile_dir is not None and step == total - 1:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+            profiler.__enter__()
+        result = noisyrollout_step(step, total, batch, model=learner.model, processor=learner.processor,
+                                   engine=learner.rollout_engine, optimizer=learner.optimizer, params=learner.params,
+                                   generator=learner.generator, recompute_old_logp=plain, share_prompts=not plain)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+        if step >= warmup:
+            rows.append({k: getattr(result.metrics, k) for k in PHASES})
+            tokens.append(float(result.rollouts.response_mask.sum()))
+    median = {k: statistics.median(r[k] for r in rows) for k in PHASES}
+    n = prompts_per_step * (n_clean + n_noisy)
+    out: dict[str, Any] = {
+        "median_step_s": median["time_step"],
+        "phases_s": {k.removeprefix("time_"): v for k, v in median.items() if k != "time_step"},
+        "step_times": [r["time_step"] for r in rows],
+        "rollouts_per_s": n / median["time_step"],
+        "tokens_per_s": statistics.median(t / r["time_step"] for t, r in zip(tokens, rows)),
+        "mean_completion_tokens": sum(tokens) / len(tokens) / n,
+        "parameters": sum(p.numel() for p in learner.model.parameters()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "plain": plain,
+    }
+    if profiler is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        (profile_dir / f"ours{'-plain' if plain else ''}.txt").write_text(table)
+        total_self = sum(e.self_cpu_time_total for e in profiler.key_averages())
+        out["profile_top"] = [{"op": e.key, "share": e.self_cpu_time_total / total_self}
+                              for e in sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--n-clean", type=int, default=4)
+    parser.add_argument("--n-noisy", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plain", action="store_true", help="turn the exact shortcuts off (reference path)")
+    parser.add_argument("--profile-dir", type=Path, default=None, help="torch-profile the last step into this folder")
+    parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="params override")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    out = run_ours(args.model_dir, steps=args.steps, warmup=args.warmup, prompts_per_step=args.prompts_per_step,
+                   n_clean=args.n_clean, n_noisy=args.n_noisy, max_new_tokens=args.max_new_tokens,
+                   threads=args.threads, plain=args.plain, overrides=args.overrides, profile_dir=args.profile_dir)
+    out["wall_s"] = time.perf_counter() - start
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""`make bench`: measure, then write BENCHMARKS.md. Every number in the file comes from this one run.
+
+    P1  our NoisyRollout step vs TRL's GRPOTrainer: same model, prompts, images, system prompt, n, max new tokens,
+        threads; on the embedded tiny model and on a ~30M-parameter config (bench/models.py)
+        (+ what the exact shortcuts buy: the plain path with them off, phase by phase)
+    P2  NoisyRollout's overhead: step time with n_clean=6, n_noisy=6 over n_clean=12, n_noisy=0
+    P3  the gaussian distortion on 1-megapixel images against the straightforward per-image baseline
+    P4  the update phase's achieved FLOP/s as a fraction of this machine's fp32 GEMM rate (~30M config)
+    P5  pipeline overhead: `dvc repro` wall time in a fresh clone, and the share spent outside model work
+    Memory: peak RSS of each measuring process (one learner each)
+
+Each measurement runs in its own subprocess (its peak RSS is its own; nothing warms the next). Usage:
+
+    python -m bench.run [--quick] [--skip-trl] [--skip-pipeline] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "runs/embedded/sft/model"
+THREADS = 2
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_json(args: list[str], threads: int = THREADS, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python -m <args>` with `threads` OpenMP threads; its last stdout line is the JSON result."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal"))
+        memory = f"{mem_kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration):
+        memory = "unknown"
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": memory, "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "transformers", "trl", "accelerate", "deepspeed", "ray", "mlflow", "dvc",
+                 "great-expectations", "prefect"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def gemm_rate(threads: int = THREADS) -> dict[str, float]:
+    """This machine's fp32 matmul rate with `threads` threads (median of 5 timed 1024^3 products)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        times.append((time.perf_counter() - start) / 4)
+    return {"gflops": 2 * 1024**3 / statistics.median(times) / 1e9}
+
+
+def update_flops(model_dir: Path, prompt_tokens: float, response_tokens: float, prompt_len: float,
+                 response_len: float) -> float:
+    """Training FLOPs of one update phase (forward + backward = 3 x forward) counted from the text model's shapes:
+    each prompt token once (prompts are shared by their group), each response token once; the LM head on
+    response positions only; attention 4 * d * context per token and layer. The frozen vision tower is excluded
+    (its features are computed without gradient)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir).text_config
+    d, ff, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = d // cfg.num_attention_heads * cfg.num_key_value_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * ff          # q, o, k, v, gate, up, down
+    body = 2 * layers * per_layer
+    attn_prompt = 4 * layers * d * prompt_len / 2             # causal: on average half the prompt
+    attn_response = 4 * layers * d * (prompt_len + response_len / 2)
+    forward = prompt_tokens * (body + attn_prompt) + response_tokens * (body + attn_response + 2 * d * vocab)
+    return 3 * forward
+
+
+def prompt_shape(model_dir: Path, prompts_per_step: int) -> dict[str, float]:
+    """Mean prompt length (tokens, with the system prompt and image tokens) of the bench's first batch."""
+    from noisyrollout.config import load_params
+    from noisyrollout.data.loaders import load_records
+    from noisyrollout.models.load import load_processor
+    from noisyrollout.train.scoring import encode_prompts
+
+    params = load_params(ROOT / "params.yaml")
+    records = load_records(str(ROOT / params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,
+                           max_pixels=params.data.max_pixels)
+    chosen = records[:prompts_per_step]
+    processor = load_processor(model_dir, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels)
+    enc = encode_prompts(processor, [r["image"] for r in chosen], [r["problem"] for r in chosen],
+                         params.model.system_prompt)
+    return {"prompt_len": statistics.mean(len(ids) for ids in enc.input_ids)}
+
+
+def pipeline_overhead(quick: bool) -> dict[str, Any]:
+    """P5: `dvc repro` of this commit in a fresh clone (its own MLflow store), timed; model work is what the
+    stages report through noisyrollout.timing; the rest is the pipeline's overhead."""
+    tmp = Path(tempfile.mkdtemp(prefix="noisyrollout-bench-"))
+    clone = tmp / "repo"
+    try:
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        scale = {"sft.steps": 60, "train.steps": 12, "val.limit": 120} if quick else {}
+        if scale:
+            import yaml
+
+            tree = yaml.safe_load((clone / "params.yaml").read_text())
+            for key, value in scale.items():
+                section, name = key.split(".")
+                tree[section][name] = value
+            (clone / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+        timings = tmp / "timings.jsonl"
+        venv_bin = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+               "NOISYROLLOUT_TIMINGS": str(timings), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        subprocess.run(["noisyrollout", "restore-data"], cwd=clone, env=env, check=True, capture_output=True)
+        start = time.perf_counter()
+        proc = subprocess.run(["dvc", "repro"], cwd=clone, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"dvc repro failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        blocks = [json.loads(line) for line in timings.read_text().splitlines()] if timings.exists() else []
+        by_label: dict[str, float] = {}
+        for b in blocks:
+            by_label[b["label"]] = by_label.get(b["label"], 0.0) + b["seconds"]
+        model = sum(by_label.values())
+        return {"wall_s": wall, "model_s": model, "overhead_s": wall - model, "overhead_share": (wall - model) / wall,
+                "by_label": by_label, "profile": "quick (" + ", ".join(f"{k}={v}" for k, v in scale.items()) + ")"
+                if scale else "embedded default (params.yaml)"}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.distortion import bench_gaussian
+    from bench.models import build_bench_model
+
+    results: dict[str, Any] = {"machine": machine(), "versions": versions(),
+                               "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "threads": THREADS}
+    if not (TINY / "config.json").exists():
+        raise SystemExit(f"{TINY}: no SFT model; run `make run` first")
+    model_30m = build_bench_model(ROOT / "runs/bench/30m", "30m", base_dir=TINY)
+    sizes = {"tiny": (TINY, 1 if args.quick else 5), "30m": (model_30m, 2 if args.quick else 3)}
+    common = ["--prompts-per-step", "16", "--max-new-tokens", "24", "--threads", str(THREADS)]
+
+    results["p1"] = {}
+    for size, (model_dir, steps) in sizes.items():
+        row: dict[str, Any] = {}
+        log(f"P1 {size}: ours (NoisyRollout 4 clean + 4 noisy)")
+        row["ours"] = run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(steps),
+                                "--n-clean", "4", "--n-noisy", "4", *common,
+                                "--profile-dir", str(ROOT / "runs/bench/profile" / size)])
+        log(f"P1 {size}: ours, plain path (shortcuts off)")
+        row["plain"] = run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(steps), "--plain",
+                                 "--n-clean", "4", "--n-noisy", "4", *common])
+        if not args.skip_trl:
+            log(f"P1 {size}: TRL GRPOTrainer (8 generations)")
+            row["trl"] = run_json(["bench.trl_grpo", "--model-dir", str(model_dir), "--steps", str(steps),
+                                   "--num-generations", "8", *common])
+        results["p1"][size] = row
+
+    log("P2: 6 clean + 6 noisy vs 12 clean")
+    steps = 2 if args.quick else 5
+    results["p2"] = {kind: run_json(["bench.ours", "--model-dir", str(TINY), "--steps", str(steps), "--n-clean", nc,
+                                     "--n-noisy", nn, *common])
+                     for kind, nc, nn in (("noisyrollout", "6", "6"), ("grpo", "12", "0"))}
+
+    log("P3: gaussian distortion, 1 MP")
+    results["p3"] = bench_gaussian(n_images=4 if args.quick else 8, repeats=3)
+
+    log("P4: GEMM rate and the update's FLOP/s (30m)")
+    ours30 = results["p1"]["30m"]["ours"]
+    shape = prompt_shape(model_30m, 16)
+    flops = update_flops(model_30m, prompt_tokens=16 * shape["prompt_len"],
+                         response_tokens=ours30["mean_completion_tokens"] * 16 * 8, prompt_len=shape["prompt_len"],
+                         response_len=ours30["mean_completion_tokens"])
+    gemm = gemm_rate()
+    achieved = flops / ours30["phases_s"]["update"] / 1e9
+    results["p4"] = {"gemm_gflops": gemm["gflops"], "update_gflop": flops / 1e9, "update_s": ours30["phases_s"]["update"],
+                     "achieved_gflops": achieved, "fraction": achieved / gemm["gflops"], **shape}
+
+    if not args.skip_pipeline:
+        log("P5: dvc repro in a fresh clone")
+        results["p5"] = pipeline_overhead(args.quick)
+    return results
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x"
+
+
+def render(r: dict[str, Any], command: str, elapsed: float) -> str:
+    m, v = r["machine"], r["versions"]
+    lines = [
+        "# Benchmarks", "",
+        f"Written by `{command}` on {r['date']} in {elapsed / 60:.1f} minutes. Every number below comes from that run;"
+        " rerun it to refresh them.", "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['os']}, Python {m['python']}",
+        f"- Threads: {r['threads']} per measuring process (OMP_NUM_THREADS and torch.set_num_threads)",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()), "",
+        "Workload for P1/P2: 16 prompts per step from the prepared train split, 8 (P2: 12) responses per prompt, "
+        "max 24 new tokens, temperature 1.0, the embedded system prompt, float32, one optimizer step per rollout "
+        "batch, no KL (beta 0), no gradient checkpointing. Times are medians over the timed steps after one "
+        "untimed warm-up step.", "",
+        "## P1: ours vs TRL GRPOTrainer", "",
+        "| model | params | side | median step (s) | rollouts/s | tokens/s | completion tokens | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, row in r["p1"].items():
+        for side, label in (("ours", "ours (4 clean + 4 noisy)"), ("plain", "ours, shortcuts off"),
+                            ("trl", f"TRL {r['versions']['trl']} GRPOTrainer")):
+            if side in row:
+                x = row[side]
+                lines.append(f"| {size} | {row['ours']['parameters'] / 1e6:.2f}M | {label} | {x['median_step_s']:.3f} | "
+                             f"{x['rollouts_per_s']:.1f} | {x['tokens_per_s']:.0f} | {x['mean_completion_tokens']:.1f} "
+                             f"| {x.get('peak_rss_mb', float('nan')):.0f} |")
+    lines += [""]
+    for size, row in r["p1"].items():
+        if "trl" in row:
+            lines.append(f"- **{size}: ours / TRL = {_ratio(row['ours']['rollouts_per_s'], row['trl']['rollouts_per_s'])}"
+                         f" rollouts/s** ({_ratio(row['ours']['tokens_per_s'], row['trl']['tokens_per_s'])} tokens/s); "
+                         f"TRL's loss_type: {row['trl'].get('loss_type', '?')}.")
+    lines += ["", "Where our step's time goes (median seconds per phase), and what the exact shortcuts buy "
+              "(shortcuts off = the separate old-log-prob pass, every prompt recomputed for each of its responses):", "",
+              "| model | path | generate | reward | old log-probs | update | step |", "|---|---|---|---|---|---|---|"]
+    for size, row in r["p1"].items():
+        for side, label in (("plain", "shortcuts off"), ("ours", "ours")):
+            p = row[side]["phases_s"]
+            lines.append(f"| {size} | {label} | {p['generate']:.3f} | {p['reward']:.3f} | {p['logprob']:.3f} | "
+                         f"{p['update']:.3f} | {row[side]['median_step_s']:.3f} |")
+    for size, row in r["p1"].items():
+        top = row["ours"].get("profile_top")
+        if top:
+            lines += ["", f"Top operators of one step ({size}, torch profiler, share of self CPU time): " +
+                      ", ".join(f"`{t['op']}` {t['share']:.0%}" for t in top[:6]) + "."]
+    p2 = r["p2"]
+    lines += ["", "## P2: NoisyRollout overhead (tiny model)", "",
+              "| rollouts | median step (s) | rollouts/s |", "|---|---|---|",
+              f"| 6 clean + 6 noisy | {p2['noisyrollout']['median_step_s']:.3f} | {p2['noisyrollout']['rollouts_per_s']:.1f} |",
+              f"| 12 clean (GRPO) | {p2['grpo']['median_step_s']:.3f} | {p2['grpo']['rollouts_per_s']:.1f} |", "",
+              f"- **Step time ratio 6+6 / 12+0 = {p2['noisyrollout']['median_step_s'] / p2['grpo']['median_step_s']:.3f}**"
+              " (target <= 1.03).", ""]
+    p3 = r["p3"]
+    lines += ["## P3: gaussian distortion on 1-megapixel images", "",
+              "| version | s per image |", "|---|---|",
+              f"| baseline (rebuilds the beta table, float64, PIL<->tensor each call) | {p3['baseline_s_per_image']:.4f} |",
+              f"| ours (`noisyrollout.algo.augment.gaussian_noise`) | {p3['fast_s_per_image']:.4f} |", "",
+              f"- **Speed-up {p3['speedup']:.2f}x** (target >= 5x).", ""]
+    p4 = r["p4"]
+    lines += ["## P4: against the machine (30m config, update phase)", "",
+              f"- fp32 GEMM rate, 1024^3 matmul, {r['threads']} threads: **{p4['gemm_gflops']:.1f} GFLOP/s**",
+              f"- Update phase: {p4['update_gflop']:.1f} GFLOP (3 x forward over {p4['prompt_len']:.0f}-token prompts "
+              f"counted once each and the response tokens) in {p4['update_s']:.2f} s = "
+              f"**{p4['achieved_gflops']:.1f} GFLOP/s, {p4['fraction']:.0%} of the GEMM rate** (target >= 30%).", ""]
+    if "p5" in r:
+        p5 = r["p5"]
+        lines += ["## P5: pipeline overhead", "",
+                  f"`dvc repro` of this commit in a fresh clone, profile: {p5['profile']}.", "",
+                  "| | seconds |", "|---|---|", f"| wall time of `dvc repro` | {p5['wall_s']:.1f} |"]
+        lines += [f"| model work: {k} | {s:.1f} |" for k, s in p5["by_label"].items()]
+        lines += [f"| outside model work (DVC, process start-up, imports, data prep, GX, MLflow, registry, Ray, "
+                  f"checkpoints) | {p5['overhead_s']:.1f} |", "",
+                  f"- **Overhead share {p5['overhead_share']:.0%}** (target <= 10%).", ""]
+    lines += ["## Memory", "", "Peak RSS of each measuring process (one learner, model + optimizer + rollout engine):", "",
+              "| model | ours (MB) | TRL (MB) |", "|---|---|---|"]
+    for size, row in r["p1"].items():
+        trl = row.get("trl", {}).get("peak_rss_mb")
+        lines.append(f"| {size} | {row['ours']['peak_rss_mb']:.0f} | {trl:.0f} |" if trl else
+                     f"| {size} | {row['ours']['peak_rss_mb']:.0f} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Measure and write BENCHMARKS.md")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and a short pipeline (a smoke run)")
+    parser.add_argument("--skip-trl", action="store_true", help="no TRL side (when the bench extra is not installed)")
+    parser.add_argument("--skip-pipeline", action="store_true", help="no P5 (dvc repro in a fresh clone)")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    results = measure(args)
+    elapsed = time.perf_counter() - start
+    command = "make bench" if not (args.quick or args.skip_trl or args.skip_pipeline) else \
+        "python -m bench.run " + " ".join(a for a in sys.argv[1:])
+    (ROOT / "runs/bench").mkdir(parents=True, exist_ok=True)
+    (ROOT / "runs/bench/results.json").write_text(json.dumps(results, indent=2))
+    args.out.write_text(render(results, command, elapsed))
+    log(f"wrote {args.out} ({elapsed / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Model-work timings for the pipeline-overhead benchmark (`make bench`, P5).
+
+Stages wrap their model compute (training steps, validation and evaluation decoding, building the model) in
+`model_work(label)`. When the environment variable NOISYROLLOUT_TIMINGS names a file, each block appends one JSON
+line {"label", "seconds"} to it; otherwise nothing is written. Everything a `dvc repro` spends outside these blocks
+(process start-up, imports, DVC, data preparation, the GX gate, MLflow, the registry, Ray start-up, checkpoints)
+is the pipeline's overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+ENV = "NOISYROLLOUT_TIMINGS"
+
+
+def record(label: str, seconds: float) -> None:
+    path = os.environ.get(ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"label": label, "seconds": seconds}) + "\n")
+
+
+@contextmanager
+def model_work(label: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(label, time.perf_counter() - start)
