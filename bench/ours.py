@@ -26,6 +26,47 @@ from noisyrollout.train.step import PromptBatch, noisyrollout_step
 PHASES = ("time_generate", "time_reward", "time_logprob", "time_update", "time_step")
 
 
+def run_ours_ray(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_step: int = 16, n_clean: int = 4,
+                 n_noisy: int = 4, max_new_tokens: int = 24, learners: int = 2, seed: int = 0,
+                 params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The pipeline's default trainer: `learners` Ray actors (DeepSpeed ZeRO-2, gloo, one thread each). Each step
+    is timed around the driver's `group.step` call (Ray calls and the gradient all-reduce included); the phases
+    are the slowest learner's. Peak RSS is the largest learner's."""
+    from noisyrollout.train.launcher import RayGroup
+
+    params = load_params(params_file, [
+        f"seed={seed}", "threads=1", "cluster.trainer=ray", f"cluster.num_learners={learners}",
+        "cluster.cpus_per_learner=1", f"train.prompts_per_step={prompts_per_step}", f"train.steps={warmup + steps}",
+        f"rollout.n_clean={n_clean}", f"rollout.n_noisy={n_noisy}", f"rollout.max_new_tokens={max_new_tokens}",
+        *(overrides or [])])
+    group = RayGroup(params, model_dir)
+    try:
+        rows, tokens = [], []
+        for step in range(warmup + steps):
+            start = time.perf_counter()
+            metrics = group.step(step, warmup + steps, list(range(step * prompts_per_step, (step + 1) * prompts_per_step)))
+            wall = time.perf_counter() - start
+            if step >= warmup:
+                rows.append({**{k: getattr(metrics, k) for k in PHASES}, "wall": wall})
+                tokens.append(metrics.response_length * prompts_per_step * (n_clean + n_noisy))
+        rss = group.ray.get([actor.peak_rss_mb.remote() for actor in group.actors])
+    finally:
+        group.close()
+    median = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "wall")}
+    n = prompts_per_step * (n_clean + n_noisy)
+    return {
+        "median_step_s": median["wall"],
+        "phases_s": {k.removeprefix("time_"): v for k, v in median.items() if k not in ("time_step", "wall")},
+        "step_times": [r["wall"] for r in rows],
+        "rollouts_per_s": n / median["wall"],
+        "tokens_per_s": statistics.median(t / r["wall"] for t, r in zip(tokens, rows)),
+        "mean_completion_tokens": sum(tokens) / len(tokens) / n,
+        "peak_rss_mb": max(rss),
+        "learners": learners,
+        "plain": False,
+    }
+
+
 def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_step: int = 16, n_clean: int = 4,
              n_noisy: int = 4, max_new_tokens: int = 24, threads: int = 2, seed: int = 0, plain: bool = False,
              params_file: str = "params.yaml", overrides: list[str] | None = None,
@@ -94,10 +135,19 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plain", action="store_true", help="turn the exact shortcuts off (reference path)")
+    parser.add_argument("--ray-learners", type=int, default=0,
+                        help="run the default trainer instead: this many Ray learners with one thread each")
     parser.add_argument("--profile-dir", type=Path, default=None, help="torch-profile the last step into this folder")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="params override")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.ray_learners:
+        out = run_ours_ray(args.model_dir, steps=args.steps, warmup=args.warmup, prompts_per_step=args.prompts_per_step,
+                           n_clean=args.n_clean, n_noisy=args.n_noisy, max_new_tokens=args.max_new_tokens,
+                           learners=args.ray_learners, overrides=args.overrides)
+        out["wall_s"] = time.perf_counter() - start
+        print(json.dumps(out))
+        return
     out = run_ours(args.model_dir, steps=args.steps, warmup=args.warmup, prompts_per_step=args.prompts_per_step,
                    n_clean=args.n_clean, n_noisy=args.n_noisy, max_new_tokens=args.max_new_tokens,
                    threads=args.threads, plain=args.plain, overrides=args.overrides, profile_dir=args.profile_dir)

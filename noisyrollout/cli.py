@@ -37,10 +37,14 @@ def _run(stage: str | Callable, params_path: Path, overrides: Optional[list[str]
     """Load the parameters and call `stage` (a function of `noisyrollout.stages` by name, or any callable) with them."""
     from noisyrollout import stages
     from noisyrollout.config import load_params
+    from noisyrollout.timing import record_process
 
-    with _user_errors():
-        params = load_params(params_path, overrides, recipe)
-        (getattr(stages, stage) if isinstance(stage, str) else stage)(params, **kwargs)
+    try:
+        with _user_errors():
+            params = load_params(params_path, overrides, recipe)
+            (getattr(stages, stage) if isinstance(stage, str) else stage)(params, **kwargs)
+    finally:
+        record_process(stage if isinstance(stage, str) else getattr(stage, "__name__", "stage"))
 
 
 def _stage(name: str, doc: str) -> Callable:

@@ -1,8 +1,9 @@
 """Model-work timings for the pipeline-overhead benchmark (`make bench`, P5).
 
 Stages wrap their model compute (training steps, validation and evaluation decoding, building the model) in
-`model_work(label)`. When the environment variable NOISYROLLOUT_TIMINGS names a file, each block appends one JSON
-line {"label", "seconds"} to it; otherwise nothing is written. Everything a `dvc repro` spends outside these blocks
+`model_work(label)`, and each stage command records its whole process time (interpreter start-up and imports
+included) as "process <stage>". When the environment variable NOISYROLLOUT_TIMINGS names a file, each record
+appends one JSON line {"label", "seconds"} to it; otherwise nothing is written. Everything a `dvc repro` spends outside these blocks
 (process start-up, imports, DVC, data preparation, the GX gate, MLflow, the registry, Ray start-up, checkpoints)
 is the pipeline's overhead.
 """
@@ -32,3 +33,11 @@ def model_work(label: str) -> Iterator[None]:
         yield
     finally:
         record(label, time.perf_counter() - start)
+
+
+def record_process(stage: str) -> None:
+    """The seconds since this process started (as the OS saw it), as "process <stage>"."""
+    if os.environ.get(ENV):
+        import psutil
+
+        record(f"process {stage}", time.time() - psutil.Process().create_time())

@@ -23,7 +23,7 @@ from noisyrollout.train.metrics import StepMetrics
 
 
 class RayLearner(Learner):
-    """A learner as a Ray actor: also reports where it runs, for the rendezvous."""
+    """A learner as a Ray actor: also reports where it runs (for the rendezvous) and its peak memory."""
 
     def node_ip(self) -> str:
         import ray
@@ -32,6 +32,12 @@ class RayLearner(Learner):
 
     def free_port(self) -> int:
         return free_port()
+
+    def peak_rss_mb(self) -> float:
+        """This learner process's peak resident memory (MB): what one learner needs."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def start_ray(params: Params) -> bool:
