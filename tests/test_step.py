@@ -8,6 +8,7 @@ import torch
 from noisyrollout.algo.augment import distort
 from noisyrollout.config import Params
 from noisyrollout.models.load import load_model, load_processor, vision_tower
+from noisyrollout.rollout.chat import chat_text
 from noisyrollout.rollout.engine import Prompt, SamplingParams
 from noisyrollout.rollout.hf_engine import HFEngine
 from noisyrollout.data.loaders import load_records
@@ -263,3 +264,24 @@ def test_prompt_run_once_per_group_in_generation_samples_the_same_tokens(tiny_mo
         assert model.model.rope_deltas is None
     assert outs[0] == outs[1]
     assert len({tuple(ids) for ids in outs[1][0]}) > 1      # really sampled: the 4 samples of a prompt differ
+
+
+def test_common_prompt_prefix_is_computed_once_with_the_plain_numbers(tiny_model_dir, corpus_dir):
+    """prompt_cache runs the tokens every prompt shares (system turn, user header) once: the prefix stops at the
+    image, and the prompts' last hidden states equal a plain forward of the left-padded batch."""
+    from noisyrollout.models.prefix import prompt_cache
+
+    params, processor, model, _, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    model.eval()
+    enc = processor(text=[chat_text(processor, q, params.model.system_prompt) for q in batch.problems],
+                    images=batch.images, padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()                           # the prompts differ in length
+    with torch.no_grad():
+        head = prompt_cache(model, enc["input_ids"], enc["attention_mask"], enc["image_grid_thw"],
+                            {"pixel_values": enc["pixel_values"]})
+        plain = model.model(**enc, use_cache=False).last_hidden_state[:, -1]
+    first = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+    assert head.prefix_length == first.index(model.config.vision_start_token_id)
+    assert head.prefix_length > 20                                      # the system prompt is shared
+    assert torch.allclose(head.last_hidden, plain, atol=1e-5)
+    assert head.cache.get_seq_length() == head.input_ids.shape[1]

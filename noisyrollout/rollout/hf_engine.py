@@ -124,23 +124,21 @@ class HFEngine:
 
     @torch.no_grad()
     def prefill_shared(self, inputs: dict[str, Any], n: int) -> dict[str, Any]:
-        """Run each (left-padded) prompt once, all but its last token, and return `generate` inputs for its n samples
-        that continue from that KV cache: the same tokens as `num_return_sequences=n`, with the prompt computed
-        once instead of n times.
+        """Run each (left-padded) prompt once, all but its last token, the batch's common prefix once
+        (`models/prefix.py`), and return `generate` inputs for its n samples that continue from that KV cache: the
+        same tokens as `num_return_sequences=n`, with the prompts computed once instead of n times.
 
         This is transformers' documented continuation from a cache: `generate` gets the full prompt ids and mask,
         runs only the uncached last token, and, for Qwen2.5-VL, takes the M-RoPE offsets of text after the image
         from `model.model.rope_deltas`, which we set as its own prefill would.
         """
-        core = self.model.model
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        types, grid = inputs["mm_token_type_ids"], inputs["image_grid_thw"]
-        positions, deltas = core.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
+        from noisyrollout.models.prefix import prompt_cache
+
         vision = {k: inputs[k] for k in ("pixel_values", "mm_encoder_outputs") if k in inputs}
-        head = core(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[..., :-1],
-                    mm_token_type_ids=types[:, :-1], image_grid_thw=grid, use_cache=True, **vision)
+        head = prompt_cache(self.model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"], vision,
+                            drop_last=True)
         cache = head.cache
         cache.batch_repeat_interleave(n)
-        core.rope_deltas = deltas.repeat_interleave(n, dim=0)
-        return {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0),
-                "cache": cache}
+        self.model.model.rope_deltas = head.rope_deltas.repeat_interleave(n, dim=0)
+        return {"input_ids": head.input_ids.repeat_interleave(n, dim=0),
+                "attention_mask": head.attention_mask.repeat_interleave(n, dim=0), "cache": cache}

@@ -114,34 +114,33 @@ def prompt_batch(prompts: EncodedPrompts, prompt_index: Sequence[int], *, pad_id
 def shared_prompt_hidden(model: Any, prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
                          response_mask: torch.Tensor, *, pad_id: int) -> torch.Tensor:
     """Final hidden states at the positions predicting each response token, shape (n, L, hidden), computing each
-    DISTINCT prompt once: the prompts run alone (with gradient), their KV cache is gathered to the responses'
-    rows, and the responses run on top of it. The same numbers as running every `[prompt | response]` sequence
-    whole (`build_sequences`), with the prompt computed once per group instead of n times.
+    DISTINCT prompt once (and their common prefix once, `models/prefix.py`): the prompts run alone (with
+    gradient), their KV cache is gathered to the responses' rows, and the responses run on top of it. The same
+    numbers as running every `[prompt | response]` sequence whole (`build_sequences`), with far fewer tokens.
 
     M-RoPE positions are the plain path's: the prompt's from `get_rope_index`, then text positions that continue
     from the prompt's largest one, as for any text after the image.
     """
-    core = model.model
+    from noisyrollout.models.prefix import prompt_cache
+
     distinct = list(dict.fromkeys(prompt_index))
     slot = {p: i for i, p in enumerate(distinct)}
-    rows = torch.tensor([slot[p] for p in prompt_index])
     device = next(model.parameters()).device
+    rows = torch.tensor([slot[p] for p in prompt_index], device=device)
     inputs = prompt_batch(prompts, distinct, pad_id=pad_id, image_token_id=model.config.image_token_id)
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-    positions, _ = core.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                       image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"])
-    head = core(**inputs, position_ids=positions, use_cache=True)
+    vision = {k: inputs[k] for k in ("pixel_values", "mm_encoder_outputs") if k in inputs}
+    head = prompt_cache(model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"], vision)
     cache = head.cache
-    cache.batch_select_indices(rows.to(device))    # each response row reads its prompt's keys and values
+    cache.batch_select_indices(rows)                 # each response row reads its prompt's keys and values
     length = response_ids.shape[1]
-    start = positions.amax(dim=(0, 2)) + 1            # first text position after each prompt
-    response_positions = (start[rows.to(device)].unsqueeze(1) + torch.arange(length, device=device)).expand(3, -1, -1)
-    mask = torch.cat([inputs["attention_mask"][rows.to(device)], response_mask.to(device).long()], dim=1)
-    tail = core(input_ids=response_ids.to(device).masked_fill(~response_mask.to(device).bool(), pad_id),
-                attention_mask=mask, position_ids=response_positions, cache=cache, use_cache=True)
+    start = head.positions.amax(dim=(0, 2)) + 1      # first text position after each prompt
+    response_positions = (start[rows].unsqueeze(1) + torch.arange(length, device=device)).expand(3, -1, -1)
+    mask = torch.cat([head.attention_mask[rows], response_mask.to(device).long()], dim=1)
+    tail = model.model(input_ids=response_ids.to(device).masked_fill(~response_mask.to(device).bool(), pad_id),
+                       attention_mask=mask, position_ids=response_positions, cache=cache, use_cache=True)
     # the prompt's last position predicts response token 0; response position j predicts token j + 1
-    last = head.last_hidden_state[:, -1][rows.to(device)].unsqueeze(1)
-    return torch.cat([last, tail.last_hidden_state[:, :-1]], dim=1)
+    return torch.cat([head.last_hidden[rows].unsqueeze(1), tail.last_hidden_state[:, :-1]], dim=1)
 
 
 def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
