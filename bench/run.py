@@ -223,7 +223,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         times = [t for p in parts for t in p["step_times"]]
         results["p2"][kind] = {"median_step_s": statistics.median(times), "step_times": times,
                                "rollouts_per_s": 16 * 12 / statistics.median(times),
-                               "mean_completion_tokens": statistics.mean(p["mean_completion_tokens"] for p in parts)}
+                               "mean_completion_tokens": statistics.mean(p["mean_completion_tokens"] for p in parts),
+                               "phases_s": {k: statistics.median(p["phases_s"][k] for p in parts)
+                                            for k in parts[0]["phases_s"]}}
 
     log("P3: gaussian distortion, 1 MP")
     results["p3"] = bench_gaussian(n_images=4 if args.quick else 8, repeats=3)
@@ -305,11 +307,12 @@ def render(r: dict[str, Any], command: str, elapsed: float) -> str:
     p2 = r["p2"]
     lines += ["", "## P2: NoisyRollout overhead (tiny model)", "",
               "One process, 2 threads; median over every timed step of two alternating runs per arm.", "",
-              "| rollouts | median step (s) | rollouts/s | completion tokens |", "|---|---|---|---|",
-              f"| 6 clean + 6 noisy | {p2['noisyrollout']['median_step_s']:.3f} | "
-              f"{p2['noisyrollout']['rollouts_per_s']:.1f} | {p2['noisyrollout']['mean_completion_tokens']:.1f} |",
-              f"| 12 clean (GRPO) | {p2['grpo']['median_step_s']:.3f} | {p2['grpo']['rollouts_per_s']:.1f} | "
-              f"{p2['grpo']['mean_completion_tokens']:.1f} |", "",
+              "| rollouts | median step (s) | generate | update | rollouts/s | completion tokens |",
+              "|---|---|---|---|---|---|",
+              *[f"| {label} | {p2[k]['median_step_s']:.3f} | {p2[k]['phases_s']['generate']:.3f} | "
+                f"{p2[k]['phases_s']['update']:.3f} | {p2[k]['rollouts_per_s']:.1f} | "
+                f"{p2[k]['mean_completion_tokens']:.1f} |"
+                for k, label in (("noisyrollout", "6 clean + 6 noisy"), ("grpo", "12 clean (GRPO)"))], "",
               f"- **Step time ratio 6+6 / 12+0 = {p2['noisyrollout']['median_step_s'] / p2['grpo']['median_step_s']:.3f}**"
               " (target <= 1.03).", ""]
     p3 = r["p3"]

@@ -53,6 +53,9 @@ CASES = [  # (train overrides): the W=2 side also splits into micro-batches of o
     {"estimator": "grpo", "loss_agg": "token-mean"},
     {"estimator": "reinforce_pp", "loss_agg": "seq-mean-token-sum-norm"},
     {"estimator": "grpo", "loss_agg": "token-mean", "micro_batch_size": 1},
+    # uneven micro-batches: one learner's last one holds a single response (or is zero-weight padding), another's
+    # several prompts; ZeRO sums gradients in arrival order, so both must run the same passes
+    {"estimator": "grpo", "loss_agg": "token-mean", "micro_batch_size": 3},
 ]
 
 

@@ -34,14 +34,16 @@ class PromptCache:
 def common_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          stop_ids: set[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Re-lay left-padded prompts as `[common prefix | left-padded remainders]`. The prefix stops before the first
-    token in `stop_ids` (the vision tokens: equal ids, different images) and leaves every row at least one token."""
+    token in `stop_ids` (the vision tokens: equal ids, different images) and leaves every row at least one token.
+    One prompt is split the same way, so a batch of one runs the same passes as a batch of many (the same
+    backward structure on every learner: see `train/scoring.py:response_logprobs`)."""
     rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
     shortest = min(len(r) for r in rows)
     common = 0
     while (common < shortest - 1 and int(rows[0][common]) not in stop_ids
            and all(int(r[common]) == int(rows[0][common]) for r in rows[1:])):
         common += 1
-    if len(rows) < 2 or common == 0:
+    if common == 0:
         return input_ids, attention_mask, 0
     width = max(len(r) for r in rows) - common
     ids = torch.full((len(rows), common + width), 0, dtype=input_ids.dtype, device=input_ids.device)

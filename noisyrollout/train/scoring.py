@@ -150,10 +150,13 @@ def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequenc
 
     `share_prompts`: compute each distinct prompt once for all its responses (`shared_prompt_hidden`); False runs
     each `[prompt | response]` sequence whole (the plain path, kept as the reference in tests and benchmarks).
+    The choice never depends on the batch's content: with several DeepSpeed learners, ZeRO reduces gradients in
+    the order they become ready, so every learner's backward must have the same graph structure (the same passes),
+    whatever its prompts, or the learners would sum mismatched gradients.
     """
     device = next(model.parameters()).device
     length = response_ids.shape[1]
-    if share_prompts and len(set(prompt_index)) < len(prompt_index):   # one response per prompt: nothing to share
+    if share_prompts:
         hidden = shared_prompt_hidden(model, prompts, prompt_index, response_ids, response_mask, pad_id=pad_id)
         logits = model.lm_head(hidden).float()
     else:

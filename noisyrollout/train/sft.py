@@ -60,7 +60,8 @@ def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params
         images = [augment(b["image"], cfg.noise_prob, cfg.noise_max_step, rng, generator) for b in batch]
         prompts = encode_prompts(processor, images, [b["problem"] for b in batch], params.model.system_prompt)
         ids, mask = tokenize_targets(tokenizer, [target_text(b) for b in batch], eos_id)
-        logp, _ = response_logprobs(model, prompts, list(range(len(batch))), ids, mask, pad_id=tokenizer.pad_token_id)
+        logp, _ = response_logprobs(model, prompts, list(range(len(batch))), ids, mask, pad_id=tokenizer.pad_token_id,
+                                    share_prompts=False)   # one response per prompt: the plain single pass
         loss = -logp.sum() / mask.sum()
         optimizer.backward(loss)
         optimizer.step()
