@@ -252,3 +252,18 @@ def test_integer_fast_path_agrees_with_math_verify(prediction, ground_truth):
     from noisyrollout.algo.reward import _math_verify_equal
 
     assert grade_answer(prediction, ground_truth) == _math_verify_equal(ground_truth, prediction, 3)
+
+
+def test_a_ground_truth_is_parsed_once_per_group():
+    """The n responses of a group share one parse of their ground truth, and get the uncached verdicts."""
+    from math_verify import parse, verify
+
+    from noisyrollout.algo.reward import _parse_gold
+
+    gold, preds = "\\frac{1}{3}", ["1/3", "0.5", "\\frac{2}{6}", "3", "\\dfrac{1}{3}"]
+    _parse_gold.cache_clear()
+    verdicts = [grade_answer(p, gold) for p in preds]
+    reference = [bool(verify(parse("\\boxed{" + gold + "}"), parse("\\boxed{" + p + "}"))) for p in preds]
+    assert verdicts == reference == [True, False, True, False, True]
+    info = _parse_gold.cache_info()
+    assert info.misses == 1 and info.hits == len(preds) - 1

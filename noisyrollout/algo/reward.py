@@ -8,6 +8,7 @@ Every call is bounded in time: hostile or huge outputs score 0, they never hang 
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -102,10 +103,17 @@ def _normalize(answer: str) -> str:
     return s.strip()
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str, timeout_s: int | None) -> tuple:
+    """A ground truth parsed once: a group's n responses (and every epoch) share its parse. Failures are not
+    cached (they raise)."""
+    return tuple(parse(_BOXED + gold + "}", parsing_timeout=timeout_s))
+
+
 def _math_verify_equal(gold: str, pred: str, timeout_s: int | None) -> bool:
     """math-verify on two normalised answers; any exception or timeout counts as False."""
     try:
-        gold_parsed = parse(_BOXED + gold + "}", parsing_timeout=timeout_s)
+        gold_parsed = list(_parse_gold(gold, timeout_s))
         pred_parsed = parse(_BOXED + pred + "}", parsing_timeout=timeout_s)
         if not gold_parsed or not pred_parsed:
             return False
