@@ -129,7 +129,9 @@ ALPHA0_MAX = {"gaussian": 999.0, "rotate": 360.0, "crop_fill": 1.0}
 
 
 class NoiseConfig(Section):
-    distortion: Literal["gaussian", "rotate", "crop_fill"] = Field("gaussian", description="Distortion for the noisy rollouts.")
+    distortion: str = Field("gaussian", description="Distortion for the noisy rollouts: gaussian | rotate | crop_fill | "
+                            "tv:<torchvision v2 transform> (GaussianBlur, ColorJitter, RandomErasing, JPEG, "
+                            "ElasticTransform) | tv:<transform>:<argument that takes the strength>.")
     alpha0: float = Field(500, ge=0, description="Initial strength: noise step (gaussian, 0-999), degrees (rotate, "
                           "0-360) or side fraction (crop_fill, 0-1).")
     anneal: Literal["none", "linear", "pow", "exp", "sigmoid"] = Field("sigmoid", description="Annealing of the strength over RL steps.")
@@ -140,8 +142,10 @@ class NoiseConfig(Section):
 
     @model_validator(mode="after")
     def _valid_strength_and_schedule(self) -> "NoiseConfig":
-        top = ALPHA0_MAX[self.distortion]
-        if self.alpha0 > top:
+        from noisyrollout.algo.augment import check_distortion
+
+        top = ALPHA0_MAX.get(self.distortion) or check_distortion(self.distortion)
+        if top is not None and self.alpha0 > top:
             raise ValueError(f"noise.alpha0={self.alpha0:g} is out of range for {self.distortion} (at most {top:g})")
         if self.anneal in ANNEAL_COEFS:
             default, ok, valid = ANNEAL_COEFS[self.anneal]
