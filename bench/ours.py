@@ -26,6 +26,21 @@ from noisyrollout.train.step import PromptBatch, noisyrollout_step
 PHASES = ("time_generate", "time_reward", "time_logprob", "time_update", "time_step")
 
 
+def summary(rows: list[dict[str, float]], tokens: list[float], n: int, *, step_key: str) -> dict[str, Any]:
+    """Medians of the timed steps: `rows` hold each step's phase times and its step time under `step_key`,
+    `tokens` its generated tokens, `n` the responses per step."""
+    median = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    step = median[step_key]
+    return {
+        "median_step_s": step,
+        "phases_s": {k.removeprefix("time_"): v for k, v in median.items() if k not in ("time_step", "wall")},
+        "step_times": [r[step_key] for r in rows],
+        "rollouts_per_s": n / step,
+        "tokens_per_s": statistics.median(t / r[step_key] for t, r in zip(tokens, rows)),
+        "mean_completion_tokens": sum(tokens) / len(tokens) / n,
+    }
+
+
 def run_ours_ray(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_step: int = 16, n_clean: int = 4,
                  n_noisy: int = 4, max_new_tokens: int = 24, learners: int = 2, seed: int = 0,
                  params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
@@ -52,19 +67,8 @@ def run_ours_ray(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_pe
         rss = group.ray.get([actor.peak_rss_mb.remote() for actor in group.actors])
     finally:
         group.close()
-    median = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "wall")}
-    n = prompts_per_step * (n_clean + n_noisy)
-    return {
-        "median_step_s": median["wall"],
-        "phases_s": {k.removeprefix("time_"): v for k, v in median.items() if k not in ("time_step", "wall")},
-        "step_times": [r["wall"] for r in rows],
-        "rollouts_per_s": n / median["wall"],
-        "tokens_per_s": statistics.median(t / r["wall"] for t, r in zip(tokens, rows)),
-        "mean_completion_tokens": sum(tokens) / len(tokens) / n,
-        "peak_rss_mb": max(rss),
-        "learners": learners,
-        "plain": False,
-    }
+    return {**summary(rows, tokens, prompts_per_step * (n_clean + n_noisy), step_key="wall"),
+            "peak_rss_mb": max(rss), "learners": learners, "plain": False}
 
 
 def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_step: int = 16, n_clean: int = 4,
@@ -101,15 +105,8 @@ def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_st
         if step >= warmup:
             rows.append({k: getattr(result.metrics, k) for k in PHASES})
             tokens.append(float(result.rollouts.response_mask.sum()))
-    median = {k: statistics.median(r[k] for r in rows) for k in PHASES}
-    n = prompts_per_step * (n_clean + n_noisy)
     out: dict[str, Any] = {
-        "median_step_s": median["time_step"],
-        "phases_s": {k.removeprefix("time_"): v for k, v in median.items() if k != "time_step"},
-        "step_times": [r["time_step"] for r in rows],
-        "rollouts_per_s": n / median["time_step"],
-        "tokens_per_s": statistics.median(t / r["time_step"] for t, r in zip(tokens, rows)),
-        "mean_completion_tokens": sum(tokens) / len(tokens) / n,
+        **summary(rows, tokens, prompts_per_step * (n_clean + n_noisy), step_key="time_step"),
         "parameters": sum(p.numel() for p in learner.model.parameters()),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "plain": plain,

@@ -60,35 +60,6 @@ def pad_responses(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
-                    response_mask: torch.Tensor, *, pad_id: int, image_token_id: int) -> dict[str, Any]:
-    """Model inputs for `[prompt_index[i] prompt | response i]`; responses start at column `prompt_width`."""
-    width = max(len(prompts.input_ids[p]) for p in prompt_index)
-    n = len(prompt_index)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for row, p in enumerate(prompt_index):
-        seq = prompts.input_ids[p]
-        ids[row, width - len(seq):] = seq
-        mask[row, width - len(seq):] = 1
-    input_ids = torch.cat([ids, response_ids.masked_fill(~response_mask.bool(), pad_id)], dim=1)
-    attention_mask = torch.cat([mask, response_mask.long()], dim=1)
-    inputs: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "mm_token_type_ids": (input_ids == image_token_id).int(),
-        "image_grid_thw": prompts.image_grid_thw[list(prompt_index)],
-    }
-    if prompts.features is not None:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        inputs["mm_encoder_outputs"] = {
-            "image": BaseModelOutputWithPooling(pooler_output=[prompts.features[p] for p in prompt_index])}
-    else:
-        inputs["pixel_values"] = torch.cat([prompts.pixel_values[p] for p in prompt_index])
-    return inputs
-
-
 def prompt_batch(prompts: EncodedPrompts, prompt_index: Sequence[int], *, pad_id: int,
                  image_token_id: int) -> dict[str, Any]:
     """Model inputs for the prompts `prompt_index`, left-padded to one width (no responses)."""
@@ -108,6 +79,16 @@ def prompt_batch(prompts: EncodedPrompts, prompt_index: Sequence[int], *, pad_id
             "image": BaseModelOutputWithPooling(pooler_output=[prompts.features[p] for p in prompt_index])}
     else:
         inputs["pixel_values"] = torch.cat([prompts.pixel_values[p] for p in prompt_index])
+    return inputs
+
+
+def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,
+                    response_mask: torch.Tensor, *, pad_id: int, image_token_id: int) -> dict[str, Any]:
+    """Model inputs for `[prompt_index[i] prompt | response i]`; responses start at column `prompt_width`."""
+    inputs = prompt_batch(prompts, prompt_index, pad_id=pad_id, image_token_id=image_token_id)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], response_ids.masked_fill(~response_mask.bool(), pad_id)], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], response_mask.long()], dim=1)
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_token_id).int()
     return inputs
 
 
