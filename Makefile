@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pytest arguments for `make test` (e.g. make test PYTEST_ARGS="-m 'not slow'").
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench ablation clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -41,6 +41,11 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(WITH_VENV) python -m bench.run $(BENCH_ARGS)
+
+# NoisyRollout vs vanilla GRPO: 5 arms x 3 seeds through `dvc exp run --queue` -> ABLATION.md (needs `make run` first;
+# about an hour on 2 cores). ABLATION_ARGS e.g. "--seeds 1 --arms grpo,crop_fill" for a quick look.
+ablation: $(STAMP)
+	$(WITH_VENV) noisyrollout ablation $(ABLATION_ARGS)
 
 clean:
 	rm -rf runs reports

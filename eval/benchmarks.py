@@ -59,7 +59,7 @@ SUB_ACCURACY_KEY: dict[str, str] = {
     "mathvision": "category",
     "hallubench": "subcategory",
     "embedded_test": "task",
-    "embedded_ood": "task",
+    "embedded_ood": "group",    # the (shift, level) cell of the graded OOD split; the task on other data
 }
 
 HALLUBENCH_SUFFIX = "? You final answer can only be \\boxed{yes} or \\boxed{no}."
@@ -447,6 +447,16 @@ def load_hallubench(data_dir: Path) -> list[EvalSample]:
 # The embedded corpus
 
 
+def _embedded_extra(row: dict[str, Any]) -> dict[str, Any]:
+    """`task`, and on shifted rows (the graded OOD split) `shift`, `level` and `cell` (e.g. "blur-2"). `group` is what
+    the split's sub-accuracies are grouped by: the cell when there is one, else the task."""
+    extra: dict[str, Any] = {"task": _text(row.get("task")) or "unknown"}
+    if row.get("shift") not in (None, ""):
+        extra.update(shift=_text(row["shift"]), level=int(row["level"]), cell=f"{_text(row['shift'])}-{int(row['level'])}")
+    extra["group"] = extra.get("cell", extra["task"])
+    return extra
+
+
 def _load_embedded(corpus_dir: Path, split: str) -> list[EvalSample]:
     from noisyrollout.data.loaders import load_examples  # imports `datasets`: only when needed
 
@@ -460,7 +470,7 @@ def _load_embedded(corpus_dir: Path, split: str) -> list[EvalSample]:
             id=_text(row.get("id", i)),
             question=question,
             answer=_text(row["answer"]),
-            extra={"task": _text(row.get("task")) or "unknown"},
+            extra=_embedded_extra(row),
             choices=parse_choices(question),
         )
         images = row.get("images") or []

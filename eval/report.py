@@ -63,6 +63,41 @@ def compute_metrics(results: Iterable[Mapping[str, Any]], sub_key: str | None = 
     }
 
 
+def shift_metrics(results: Iterable[Mapping[str, Any]], prefix: str = "") -> dict[str, float]:
+    """Accuracies of the graded OOD split by shift: `<shift>.accuracy` (its three levels pooled) and `dev.accuracy` /
+    `heldout.accuracy` over each group of shifts (`noisyrollout.data.shifts`); per-cell accuracies are the split's
+    sub-accuracies. Rows without a `shift` (other data) are ignored; no shifted rows give {}."""
+    from noisyrollout.data.shifts import SHIFTS
+
+    by: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        if r.get("unreadable") or r.get("shift") in (None, ""):
+            continue
+        ok = bool(r.get("correct"))
+        by[str(r["shift"])].append(ok)
+        group = SHIFTS[r["shift"]].group if r["shift"] in SHIFTS else "other"
+        by[group].append(ok)
+    return {f"{prefix}{key}.accuracy": sum(v) / len(v) for key, v in sorted(by.items())}
+
+
+def write_samples_csv(results: Mapping[str, Iterable[Mapping[str, Any]]], path: Path) -> Path:
+    """One row per evaluated sample (`benchmark,id,group,correct`): what a paired comparison of two checkpoints on the
+    same samples (the ablation's bootstrap) needs. `group` is the OOD cell, the task, or empty."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["benchmark", "id", "group", "correct"])
+        for name, rows in results.items():
+            for r in rows:
+                writer.writerow([name, r["id"], r.get("group") or r.get("task") or "", int(bool(r.get("correct")))])
+    tmp.replace(path)
+    return path
+
+
 def _json_default(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
         return value.item()

@@ -196,6 +196,28 @@ def eval_command(
     _run("evaluate", params, overrides, recipe, predictions_from=predictions_from)
 
 
+@app.command("ablation")
+def ablation(
+    arms: str = typer.Option("grpo,gaussian,rotate,crop_fill,blur",
+                             help="Comma list of arms (pipelines/ablation.py: ARMS); grpo is the baseline and required."),
+    seeds: int = typer.Option(3, help="RL seeds per arm (train.seed = 0 .. seeds-1)."),
+    collect: Optional[str] = typer.Option(None, help="Only re-analyse the finished experiments named <COLLECT>-<arm>-s<seed>."),
+    output: Path = typer.Option(Path("ABLATION.md"), help="The report to write."),
+    out_dir: Path = typer.Option(Path("ablation"), help="Where the plot and results.json go (the SFT evaluation: "
+                                 "runs/ablation/sft-eval)."),
+    params: Path = ParamsOpt,
+    set_: Optional[list[str]] = typer.Option(None, "--set", "-S", help="An override for every run, e.g. -S train.steps=60."),
+) -> None:
+    """NoisyRollout arms vs vanilla GRPO, several seeds each, from the same SFT checkpoint, through `dvc exp run
+    --queue`; writes ABLATION.md (tables, 95% bootstrap CIs) and ablation/ablation.png. Run `make run` first."""
+    from pipelines import ablation as runner
+
+    command = "noisyrollout ablation" + "".join(f" {a}" for a in sys.argv[2:])
+    _run(lambda p: runner.run(p, arms=[a.strip() for a in arms.split(",") if a.strip()], seeds=seeds,
+                              extra=list(set_ or []), collect_prefix=collect, out_md=output, out_dir=out_dir,
+                              command=command), params, set_, None)
+
+
 @app.command("params")
 def show_params() -> None:
     """List every parameter with its default and description."""

@@ -39,7 +39,7 @@ class DataConfig(Section):
     ood_split: str = Field("ood", description="Split of `ood`.")
     image_size: int = Field(56, ge=28, description="Side in pixels of rendered corpus images (multiple of 28 recommended).")
     tasks: list[Literal["count", "bar", "length"]] = Field(["count", "bar", "length"], description="Synthetic tasks to render.")
-    sizes: dict[str, int] = Field({"train": 3000, "val": 600, "test": 600, "ood": 600}, description="Examples per split.")
+    sizes: dict[str, int] = Field({"train": 3000, "val": 600, "test": 600, "ood": 6300}, description="Examples per split (ood: spread evenly over its 21 shift x level cells).")
     min_pixels: int = Field(3136, ge=784, description="Images are resized to at least this many pixels (aspect kept).")
     max_pixels: int = Field(3136, ge=784, description="Images are resized to at most this many pixels (aspect kept).")
     seed: int = Field(0, description="Seed of the corpus renderer.")
@@ -195,6 +195,9 @@ class TrainConfig(Section):
     accuracy_only: bool = Field(False, description="Reward = accuracy alone.")
     output_dir: Path = Field(Path("runs/embedded/rl"), description="Where the trained policy and metrics go.")
     log_every: int = Field(1, ge=1, description="Print one line every this many steps.")
+    seed: int | None = Field(None, description="Seed of the RL stage alone (prompt order, rollout sampling, noise draws); "
+                             "null = the global `seed`. Changing it reruns only `train` and what follows, from the same "
+                             "SFT checkpoint: how the ablation's seeds differ.")
 
 
 class ClusterConfig(Section):
@@ -291,6 +294,11 @@ class Params(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @property
+    def rl_seed(self) -> int:
+        """The RL stage's seed: `train.seed`, or the global `seed` when that is null."""
+        return self.seed if self.train.seed is None else self.train.seed
 
     @property
     def world_size(self) -> int:

@@ -27,7 +27,7 @@ def before_after(sft_val: dict | None, rl_val: dict, metrics_path: Path) -> tupl
     summary: dict[str, Any] = {"sft": sft_val, "rl": rl_val}
     for label, key, which in rows:
         b = rl_val[which][key]
-        a = sft_val[which].get(key, math.nan) if sft_val is not None else math.nan
+        a = sft_val.get(which, {}).get(key, math.nan) if sft_val is not None else math.nan
         lines.append(f"| {label} | {a:.3f} | {b:.3f} | {b - a:+.3f} |" if sft_val is not None
                      else f"| {label} | (no SFT) | {b:.3f} | |")
     history = MetricsLog(Path(metrics_path)).read()

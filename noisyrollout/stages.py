@@ -122,7 +122,9 @@ def build_model(params: Params, log: Log = print) -> Path:
     return out
 
 
-def _validate_model(model_dir: Path, params: Params, desc: str) -> dict[str, Any]:
+def _validate_model(model_dir: Path, params: Params, desc: str, which: tuple[str, ...] = ("clean", "noisy")) -> dict[str, Any]:
+    """Greedy validation of a checkpoint: `clean` on the val images, `noisy` on them distorted by `noise.distortion` at
+    `noise.alpha0` (full strength)."""
     from noisyrollout.rollout.hf_engine import HFEngine
     from noisyrollout.train.validate import validate
 
@@ -131,11 +133,14 @@ def _validate_model(model_dir: Path, params: Params, desc: str) -> dict[str, Any
                                       batch_size=params.val.batch_size, dtype=params.model.dtype)
     examples = load_records(prepared(params), "val", params, params.val.limit)
     kw = dict(max_new_tokens=params.val.max_new_tokens, batch_size=params.val.batch_size, seed=params.seed)
+    out = {}
     with model_work(f"{desc} decode"):
-        clean = validate(engine, examples, desc=f"{desc} clean", **kw)
-        noisy = validate(engine, examples, distortion=params.noise.distortion, strength=params.noise.alpha0,
-                         desc=f"{desc} noisy", **kw)
-    return {"clean": clean, "noisy": noisy}
+        if "clean" in which:
+            out["clean"] = validate(engine, examples, desc=f"{desc} clean", **kw)
+        if "noisy" in which:
+            out["noisy"] = validate(engine, examples, distortion=params.noise.distortion, strength=params.noise.alpha0,
+                                    desc=f"{desc} noisy", **kw)
+    return out
 
 
 def require_valid_data(params: Params) -> None:
@@ -155,8 +160,8 @@ def write_report(params: Params, name: str, payload: dict[str, Any]) -> Path:
 
 
 def _val_metrics(val: dict[str, Any]) -> dict[str, float]:
-    return {"val_accuracy": val["clean"]["accuracy"], "val_accuracy_distorted": val["noisy"]["accuracy"],
-            "val_format": val["clean"]["format"],
+    distorted = {"val_accuracy_distorted": val["noisy"]["accuracy"]} if "noisy" in val else {}
+    return {"val_accuracy": val["clean"]["accuracy"], **distorted, "val_format": val["clean"]["format"],
             **{f"val_{k.replace('/', '_')}": v for k, v in val["clean"].items() if k.startswith("accuracy/")}}
 
 
@@ -187,7 +192,7 @@ def sft(params: Params, log: Log = print) -> dict[str, Any]:
         losses = run_sft(model, processor, examples, params)
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
-    val = _validate_model(out / "model", params, "sft val")
+    val = _validate_model(out / "model", params, "sft val", which=("clean",))   # distorted: by `train`, for its noise
     result = {"loss_first": losses[0] if losses else math.nan, "loss_last": losses[-1] if losses else math.nan, "val": val}
     (out / "val.json").write_text(json.dumps(result, indent=2))
     write_report(params, "sft", {"enabled": True, "loss_first": result["loss_first"], "loss_last": result["loss_last"],
@@ -228,6 +233,8 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
     record_time("rl steps", sum(m.time_step for m in result.metrics))   # measured inside the learner(s)
     val = _validate_model(result.model_dir, params, "rl val")
     summary = {"val": val, "steps": len(result.metrics), "mlflow_run_id": result.run_id}
+    if params.sft.enabled:   # the SFT policy on this run's distorted images (the SFT stage does not depend on `noise`)
+        summary["sft_noisy"] = _validate_model(init, params, "sft val", which=("noisy",))["noisy"]
     (Path(params.train.output_dir) / "val.json").write_text(json.dumps(summary, indent=2))
     log(f"rl: val accuracy {val['clean']['accuracy']:.3f}")
     report(params, log=log)
@@ -246,6 +253,8 @@ def report(params: Params, log: Log = print) -> dict[str, Any]:
     if not rl_file.is_file():
         raise NoisyRolloutError(f"{rl_file}: no RL result to report (run `noisyrollout train` first)")
     rl = json.loads(rl_file.read_text())
+    if sft_val is not None and "sft_noisy" in rl:
+        sft_val = {**sft_val, "noisy": rl["sft_noisy"]}
     table, summary = before_after(sft_val, rl["val"], rl_dir / "metrics.jsonl")
     log(table)
     (rl_dir / "report.json").write_text(json.dumps(summary, indent=2))
@@ -298,8 +307,12 @@ def evaluate(params: Params, log: Log = print, predictions_from: Path | None = N
     log(render_markdown(summary))
     log(f"eval: results in {cfg.output_dir}")
     if record:
-        metrics = eval_metrics(summary)
+        from eval.report import read_benchmark, shift_metrics, write_samples_csv
+
+        results = {name: read_benchmark(Path(cfg.output_dir) / f"{name}.json")["results"] for name in summary["benchmarks"]}
+        metrics = {**eval_metrics(summary), **shift_metrics(results.get("embedded_ood", []), prefix="embedded_ood.")}
         write_report(params, "eval", metrics)
+        write_samples_csv(results, Path(params.reports_dir) / "eval_samples.csv")
         plots = Path(params.reports_dir) / "plots"
         plots.mkdir(parents=True, exist_ok=True)
         rows = [f"{name},{row['accuracy']:.6f}" for name, row in summary["benchmarks"].items()]

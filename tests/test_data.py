@@ -26,6 +26,7 @@ from noisyrollout.data.loaders import (
     parse_hub_spec,
     validate_examples,
 )
+from noisyrollout.data.shifts import CELLS
 from noisyrollout.data.synthetic import (
     PROBLEMS,
     TASKS,
@@ -83,9 +84,8 @@ def small_corpus() -> dict[str, datasets.Dataset]:
 # --------------------------------------------------------------------------- synthetic: rows
 
 
-@pytest.mark.parametrize("style", ["in_domain", "ood"])
 @pytest.mark.parametrize("task", TASKS)
-def test_render_example_schema(task: str, style: str) -> None:
+def test_render_example_schema(task: str, style: str = "in_domain") -> None:
     rng = random.Random(0)
     for _ in range(20):
         ex = render_example(task, rng, style=style)
@@ -124,8 +124,7 @@ def test_solution_vocabulary_is_small() -> None:
 # --------------------------------------------------------------------------- synthetic: pictures
 
 
-@pytest.mark.parametrize("style", ["in_domain", "ood"])
-def test_count_picture_has_answer_many_shapes(style: str) -> None:
+def test_count_picture_has_answer_many_shapes(style: str = "in_domain") -> None:
     rng = random.Random(11)
     for n in answer_space("count") * 5:
         ex = render_example("count", rng, style=style, answer=n)
@@ -135,8 +134,7 @@ def test_count_picture_has_answer_many_shapes(style: str) -> None:
         assert _components(mask) == int(n)
 
 
-@pytest.mark.parametrize("style", ["in_domain", "ood"])
-def test_bar_picture_tallest_is_answer_with_margin(style: str) -> None:
+def test_bar_picture_tallest_is_answer_with_margin(style: str = "in_domain") -> None:
     rng = random.Random(12)
     for letter in "ABCD" * 6:
         ex = render_example("bar", rng, style=style, answer=letter)
@@ -179,17 +177,6 @@ def test_length_picture_segment_spans_answer_cells() -> None:
         assert int(np.median(thin)) % cell == 0
 
 
-def test_ood_style_differs() -> None:
-    rng_in, rng_ood = random.Random(21), random.Random(21)
-    for task in TASKS:
-        for _ in range(10):
-            a = render_example(task, rng_in, style="in_domain")["images"][0]
-            b = render_example(task, rng_ood, style="ood")["images"][0]
-            assert _mode_colour(a) == WHITE
-            bg = _mode_colour(b)
-            assert bg != WHITE and min(bg) >= 200  # light, but not white
-
-
 # --------------------------------------------------------------------------- synthetic: corpus
 
 
@@ -213,11 +200,20 @@ def test_build_corpus_structure(small_corpus: dict[str, datasets.Dataset]) -> No
     assert set(only["task"]) == {"length"}
 
 
-def test_build_corpus_ood_split_uses_ood_style(small_corpus: dict[str, datasets.Dataset]) -> None:
-    in_bg = {_mode_colour(r["images"][0]) for r in small_corpus["val"]}
-    ood_bg = {_mode_colour(r["images"][0]) for r in small_corpus["ood"]}
-    assert in_bg == {WHITE}
-    assert WHITE not in ood_bg and len(ood_bg) >= 2
+def test_build_corpus_ood_split_is_shifted_renders_in_balanced_cells() -> None:
+    corpus = build_corpus(seed=5, sizes={"val": 21, "ood": 2 * 3 * len(CELLS)}, progress=False)
+    ood = corpus["ood"]
+    assert ood.column_names == ["images", "problem", "answer", "task", "solution", "id", "shift", "level"]
+    assert "shift" not in corpus["val"].column_names
+    # every (task, shift, level) cell exactly twice; levels 1-3 of known shifts
+    assert Counter(zip(ood["task"], ood["shift"], ood["level"])) == {
+        (t, s, lv): 2 for t in TASKS for s, lv in CELLS}
+    # each row is an in-domain render under its shift: a white-background picture, changed
+    for row in ood.select(range(0, len(ood), 7)):
+        img = np.asarray(row["images"][0], dtype=np.int16)
+        assert img.shape == (56, 56, 3)
+        if row["shift"] not in ("tint", "fade"):   # the two shifts that recolour the background
+            assert (np.abs(img - 255).sum(axis=2) <= 30).mean() > 0.5, row["id"]
 
 
 def test_build_corpus_deterministic() -> None:
@@ -236,8 +232,8 @@ def test_build_corpus_deterministic() -> None:
 
 def test_render_example_deterministic_for_rng_state() -> None:
     for task in TASKS:
-        x = render_example(task, random.Random(99), style="ood")
-        y = render_example(task, random.Random(99), style="ood")
+        x = render_example(task, random.Random(99))
+        y = render_example(task, random.Random(99))
         assert x["images"][0].tobytes() == y["images"][0].tobytes() and x["answer"] == y["answer"]
 
 
@@ -285,7 +281,7 @@ def test_save_load_round_trip(tmp_path: Path, small_corpus: dict[str, datasets.D
     assert manifest["seed"] == 3 and manifest["image_size"] == 56
     assert manifest["tasks"] == list(TASKS)
     assert manifest["sizes"] == {"train": 60, "val": 30, "ood": 30}
-    assert manifest["styles"]["ood"] == "ood" and manifest["styles"]["val"] == "in_domain"
+    assert manifest["styles"]["ood"] == "shifted" and manifest["styles"]["val"] == "in_domain"
     assert sum(manifest["answer_counts"]["val"]["bar"].values()) == 10
     assert manifest["answer_counts"]["train"]["count"] == dict(
         sorted(Counter(a for a, t in zip(small_corpus["train"]["answer"],

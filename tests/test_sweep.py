@@ -64,3 +64,9 @@ def test_queued_sweep_reports_both_points_and_registers_each(tmp_path):
         decision = v.tags["promotion.decision"]
         assert decision in ("promoted", "refused") and v.tags["promotion.reason"]
     assert champion.tags["promotion.decision"] == "promoted"
+
+    # a sweep over train.* starts every experiment from the workspace's SFT model: restored from DVC's run cache,
+    # never retrained (a stage with a `cache: false` output gets no run-cache entry, so this guards dvc.yaml)
+    for name in rows:
+        logs = run(repo, "dvc", "queue", "logs", name).stdout
+        assert "Running stage 'train'" in logs and "Running stage 'sft'" not in logs, logs[-2000:]

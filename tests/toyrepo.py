@@ -59,7 +59,7 @@ def set_params(repo: Path, update: dict) -> None:
 def make_repo(repo: Path, extra: dict | None = None) -> Path:
     """The project's dvc.yaml, params.yaml (toy sizes + `extra`) and code in a fresh git + DVC repo, with data/
     rendered and versioned, all committed."""
-    for name in ("dvc.yaml", "params.yaml"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     for folder in ("noisyrollout", "pipelines", "eval"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))

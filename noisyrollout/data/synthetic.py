@@ -14,10 +14,10 @@ task is answerable from coarse spatial layout and every answer needs the picture
   grid lines; "how long is the segment?" (chance 1/5).
 
 Answers are chosen first (uniformly; ``build_corpus`` balances them exactly per split and task),
-then the picture is built around them. Two styles:
-``in_domain`` (white background, one palette, one line width) and ``ood`` (light grey/cream/pale
-backgrounds, another palette, other outline widths, shape sizes and font size). Backgrounds stay
-light because the embedded model's image normalisation maps white to 0.
+then the picture is built around them, in one style (white background, one palette, one line width).
+The ``ood`` split is the graded out-of-domain testbed: fresh renders, each under one of the shifts of
+``noisyrollout.data.shifts`` at one of three strengths (columns ``shift`` and ``level``), cycling over
+the (shift, level) cells so that every cell gets the same number of rows per task.
 
 Everything is a pure function of its arguments: the same seed gives byte-identical images.
 """
@@ -37,6 +37,8 @@ from typing import Mapping, Sequence
 import datasets
 from PIL import Image, ImageDraw, ImageFont
 
+from noisyrollout.data.shifts import CELLS, apply_shift
+
 __all__ = [
     "TASKS",
     "STYLES",
@@ -44,13 +46,14 @@ __all__ = [
     "render_example",
     "build_corpus",
     "save_corpus",
-    "split_style",
+    "is_shifted_split",
     "answer_space",
     "CORPUS_FEATURES",
+    "SHIFTED_FEATURES",
 ]
 
 TASKS: tuple[str, ...] = ("count", "bar", "length")
-STYLES: tuple[str, ...] = ("in_domain", "ood")
+STYLES: tuple[str, ...] = ("in_domain",)
 
 PROBLEMS: dict[str, str] = {
     "count": "<image>How many shapes are in the image?",
@@ -81,6 +84,10 @@ CORPUS_FEATURES = datasets.Features(
     }
 )
 
+#: The ``ood`` split's schema: the corpus columns plus the shift and its level (1 mild - 3 strong).
+SHIFTED_FEATURES = datasets.Features({**CORPUS_FEATURES, "shift": datasets.Value("string"),
+                                      "level": datasets.Value("int32")})
+
 RGB = tuple[int, int, int]
 
 # ---------------------------------------------------------------------------------------------
@@ -99,31 +106,15 @@ _IN_DOMAIN = {
     "bar_colours_vary": False,
 }
 
-_OOD = {
-    "backgrounds": [(225, 225, 225), (250, 243, 220), (228, 238, 250), (234, 246, 230)],
-    "palette": [(0, 140, 140), (200, 40, 160), (140, 90, 40), (110, 120, 10), (30, 40, 110)],
-    "outline": (70, 50, 30),
-    "outline_widths": [0, 2, 3],  # px at 56 px (scaled); capped on small shapes / thin bars
-    "shape_radius": (0.06, 0.16),
-    "font_frac": 1 / 5.5,
-    "grid": None,  # derived from the background (darker shade of it)
-    "segment_widths": [2, 5],
-    "bar_width_frac": (0.4, 0.8),
-    "bar_colours_vary": True,
-}
-
-
 def _style(style: str) -> dict:
     if style == "in_domain":
         return _IN_DOMAIN
-    if style == "ood":
-        return _OOD
     raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
 
 
-def split_style(split: str) -> str:
-    """Style of a split: ``ood`` for a split named ``ood`` (or ``ood-...``), else in-domain."""
-    return "ood" if split == "ood" or split.startswith(("ood-", "ood_")) else "in_domain"
+def is_shifted_split(split: str) -> bool:
+    """A split named ``ood`` (or ``ood-...``) holds shifted renders; all others are in-domain."""
+    return split == "ood" or split.startswith(("ood-", "ood_"))
 
 
 def answer_space(task: str) -> tuple[str, ...]:
@@ -309,7 +300,7 @@ def render_example(task: str, rng: random.Random, *, image_size: int = 56,
 # ---------------------------------------------------------------------------------------------
 # corpus
 
-DEFAULT_SIZES: dict[str, int] = {"train": 3000, "val": 600, "test": 600, "ood": 600}
+DEFAULT_SIZES: dict[str, int] = {"train": 3000, "val": 600, "test": 600, "ood": 6300}
 
 
 def _derived_seed(seed: int, split: str, task: str) -> int:
@@ -327,9 +318,10 @@ def build_corpus(*, seed: int = 0, image_size: int = 56, tasks: Sequence[str] = 
                  progress: bool = True) -> dict[str, datasets.Dataset]:
     """Render every split. ``sizes`` are totals per split, divided evenly across ``tasks``.
 
-    Split ``ood`` uses the ``ood`` style, all others ``in_domain``. Within a split each task's
-    answers are uniform and balanced exactly (counts differ by at most one; the extra ones go to
-    the first answers of ``answer_space``), in shuffled order. Each (split, task) pair has its
+    Within a split each task's answers are uniform and balanced exactly (counts differ by at most
+    one; the extra ones go to the first answers of ``answer_space``), in shuffled order. In split
+    ``ood`` each row is also given a (shift, level) cell of ``shifts.CELLS``: every cell gets the
+    same number of rows per task (within one), drawn independently of the answers. Each (split, task) pair has its
     own random stream derived from ``seed``, so adding a split or a task changes no other rows.
     Rows interleave the tasks (count, bar, length, count, ...); ids look like
     ``train-count-00017``.
@@ -355,7 +347,8 @@ def build_corpus(*, seed: int = 0, image_size: int = 56, tasks: Sequence[str] = 
     corpus: dict[str, datasets.Dataset] = {}
     try:
         for split, n in sizes.items():
-            style = split_style(split)
+            shifted = is_shifted_split(split)
+            features = SHIFTED_FEATURES if shifted else CORPUS_FEATURES
             per_task: dict[str, list[dict]] = {}
             for task, count in _per_task(n, tasks).items():
                 rng = random.Random(_derived_seed(seed, split, task))
@@ -363,10 +356,18 @@ def build_corpus(*, seed: int = 0, image_size: int = 56, tasks: Sequence[str] = 
                 space = answer_space(task)
                 answers = [space[i % len(space)] for i in range(count)]
                 rng.shuffle(answers)
+                cells: list = [None] * count
+                if shifted:   # every (shift, level) cell equally often (within one), in shuffled order
+                    cells = [CELLS[i % len(CELLS)] for i in range(count)]
+                    rng.shuffle(cells)
+                plan = list(zip(cells, answers))
                 rows = []
-                for i in range(count):
-                    ex = render_example(task, rng, image_size=image_size, style=style,
-                                        answer=answers[i])
+                for i, (cell, answer) in enumerate(plan):
+                    ex = render_example(task, rng, image_size=image_size, answer=answer)
+                    if cell is not None:
+                        shift, level = cell
+                        ex["images"] = [apply_shift(ex["images"][0], shift, level, rng)]
+                        ex["shift"], ex["level"] = shift, level
                     ex["id"] = f"{split}-{task}-{i:05d}"
                     rows.append(ex)
                     if bar is not None:
@@ -374,7 +375,7 @@ def build_corpus(*, seed: int = 0, image_size: int = 56, tasks: Sequence[str] = 
                 per_task[task] = rows
             ordered = [per_task[t][i] for i in range(max(map(len, per_task.values()), default=0))
                        for t in tasks if i < len(per_task[t])]
-            columns = {k: [r[k] for r in ordered] for k in CORPUS_FEATURES}
+            columns = {k: [r[k] for r in ordered] for k in features}
             info = datasets.DatasetInfo(
                 description=json.dumps({
                     "generator": "noisyrollout.data.synthetic",
@@ -382,11 +383,11 @@ def build_corpus(*, seed: int = 0, image_size: int = 56, tasks: Sequence[str] = 
                     "image_size": image_size,
                     "tasks": list(tasks),
                     "split": split,
-                    "style": style,
+                    "style": "shifted" if shifted else "in_domain",
                 }),
-                features=CORPUS_FEATURES,
+                features=features,
             )
-            corpus[split] = datasets.Dataset.from_dict(columns, features=CORPUS_FEATURES, info=info)
+            corpus[split] = datasets.Dataset.from_dict(columns, features=features, info=info)
     finally:
         if bar is not None:
             bar.close()
@@ -437,7 +438,7 @@ def save_corpus(corpus: Mapping[str, datasets.Dataset], out_dir: Path) -> dict[s
             if task not in manifest["tasks"]:
                 manifest["tasks"].append(task)
         manifest["sizes"][split] = len(ds)
-        manifest["styles"][split] = meta.get("style", split_style(split))
+        manifest["styles"][split] = meta.get("style", "shifted" if is_shifted_split(split) else "in_domain")
         manifest["answer_counts"][split] = {
             t: dict(sorted(c.items())) for t, c in counts.items()
         }

@@ -163,7 +163,7 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
         bar = tqdm(range(start, cfg.steps), desc="rl", disable=not progress, initial=start, total=cfg.steps)
         for step in bar:
             metrics = group.step(step, cfg.steps, batch_indices(step, cfg.prompts_per_step, group.num_records,
-                                                                params.seed))
+                                                                params.rl_seed))
             metrics_log.append(metrics)
             history.append(asdict(metrics))
             if tracker is not None and step > logged_upto:

@@ -97,7 +97,7 @@ class Learner:
     def setup(self, master_addr: str | None = None, master_port: int | None = None) -> int:
         """Build the policy and its optimizer (a DeepSpeed engine when distributed); returns the dataset size."""
         params = self.params
-        self.generator = seed_everything(params.seed + self.rank)
+        self.generator = seed_everything(params.rl_seed + self.rank)
         self.processor, model, self.ref_model = load_policy(
             self.init_dir, dtype=params.model.dtype, min_pixels=params.data.min_pixels,
             max_pixels=params.data.max_pixels, freeze_vision=params.model.freeze_vision,
@@ -136,7 +136,7 @@ class Learner:
             from noisyrollout.rollout.vllm_engine import VLLMEngine
 
             return VLLMEngine(self.init_dir, system_prompt=params.model.system_prompt, dtype=params.model.dtype,
-                              seed=params.seed + self.rank, min_pixels=params.data.min_pixels,
+                              seed=params.rl_seed + self.rank, min_pixels=params.data.min_pixels,
                               max_pixels=params.data.max_pixels)
         return HFEngine(self.model, self.processor, system_prompt=params.model.system_prompt,
                         batch_size=params.train.prompts_per_step * (rollout.n_clean + rollout.n_noisy),
