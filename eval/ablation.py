@@ -251,17 +251,18 @@ def markdown_tables(table: Mapping[str, Mapping[str, Mapping[str, Any]]], sft: M
 
 def plot(table: Mapping[str, Mapping[str, Mapping[str, Any]]], sft_cells: Mapping[str, float] | None,
          gaps: Mapping[str, Mapping[str, Any]], path: Path, baseline: str = "grpo") -> Path:
-    """Three panels: the paired difference vs GRPO with its 95% CI per main subset; OOD accuracy by shift strength
-    (dev and held-out shifts); the clean-minus-noisy training reward per step."""
+    """Four panels, one colour per arm: the paired difference vs GRPO with its 95% CI per main subset; accuracy by shift
+    strength on the dev and on the held-out shifts (SFT in black); the clean-minus-noisy training reward per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = list(table)
+    colour = {arm: f"C{i}" for i, arm in enumerate(arms)}
     others = [a for a in arms if a != baseline]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    ax = axes[0]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    ax = axes[0, 0]
     width = 0.8 / max(1, len(others))
     for i, arm in enumerate(others):
         xs, ys, lo, hi = [], [], [], []
@@ -273,47 +274,45 @@ def plot(table: Mapping[str, Mapping[str, Mapping[str, Any]]], sft_cells: Mappin
             ys.append(100 * row["diff"])
             lo.append(100 * (row["diff"] - row["diff_low"]))
             hi.append(100 * (row["diff_high"] - row["diff"]))
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=arm)
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", capsize=3, label=arm, color=colour[arm])
     ax.axhline(0, color="grey", lw=1)
     ax.set_xticks(range(len(MAIN_SUBSETS)), [SUBSET_LABELS[s].replace(", ", "\n") for s in MAIN_SUBSETS], fontsize=8)
-    ax.set_ylabel("accuracy difference vs GRPO (points)")
+    ax.set_ylabel("accuracy minus GRPO's (points)")
     ax.set_title("Paired difference vs GRPO, 95% CI")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
 
-    ax = axes[1]
-    for group, style in (("dev", "-"), ("heldout", "--")):
+    for ax, group in ((axes[0, 1], "dev"), (axes[1, 0], "heldout")):
         names = [n for n, s in SHIFTS.items() if s.group == group]
         for arm in arms:
             ys = []
             for level in (1, 2, 3):
                 vals = [table[arm][f"cell:{n}-{level}"]["mean"] for n in names if f"cell:{n}-{level}" in table[arm]]
                 ys.append(100 * float(np.mean(vals)) if vals else math.nan)
-            ax.plot([1, 2, 3], ys, style, marker="o", label=f"{arm} ({group})",
-                    color=f"C{arms.index(arm)}")
+            ax.plot([1, 2, 3], ys, marker="o", label=arm, color=colour[arm])
         if sft_cells:
             ys = [100 * float(np.mean([sft_cells[f"cell:{n}-{lv}"] for n in names if f"cell:{n}-{lv}" in sft_cells]
                                       or [math.nan])) for lv in (1, 2, 3)]
-            ax.plot([1, 2, 3], ys, style, marker="x", color="black", label=f"SFT ({group})")
-    ax.set_xticks([1, 2, 3], ["mild", "medium", "strong"])
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("OOD accuracy by shift strength (solid: dev, dashed: held-out)")
-    ax.legend(fontsize=6, ncol=2)
+            ax.plot([1, 2, 3], ys, "--", marker="x", color="black", label="SFT start")
+        ax.set_xticks([1, 2, 3], ["mild", "medium", "strong"])
+        ax.set_ylabel("accuracy (%), mean over seeds and shifts")
+        ax.set_title(f"{'Dev' if group == 'dev' else 'Held-out'} shifts ({', '.join(names)}) by strength")
+        ax.legend(fontsize=8)
 
-    ax = axes[2]
+    ax = axes[1, 1]
     for arm in arms:
         per_step = gaps.get(arm, {}).get("per_step") or []
         if per_step and not all(math.isnan(v) for v in per_step):
             window = min(10, len(per_step))
             smooth = np.convolve(per_step, np.ones(window) / window, mode="valid")
-            ax.plot(range(window - 1, len(per_step)), smooth, label=arm, color=f"C{arms.index(arm)}")
+            ax.plot(range(window - 1, len(per_step)), smooth, label=arm, color=colour[arm])
     ax.axhline(0, color="grey", lw=1)
     ax.set_xlabel("RL step")
     ax.set_ylabel("reward(clean) - reward(noisy)")
-    ax.set_title("Clean vs noisy rollout reward gap (10-step mean)")
-    ax.legend(fontsize=7)
+    ax.set_title("Clean vs noisy rollout reward gap (10-step mean over seeds)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

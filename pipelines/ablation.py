@@ -257,7 +257,8 @@ def write_report(runs: list, sft: dict, keys: list[tuple[str, str]], checks: dic
         "",
         f"Command: `{meta['command']}` (written by `pipelines/ablation.py`; numbers below are this run's output).",
         f"Date: {meta['date']}. Machine: {meta['machine']}. Commit: `{meta['commit']}`. "
-        f"Wall time: {meta['minutes']:.1f} min ({meta['n_runs']} runs through `dvc exp run --queue`).",
+        f"Wall time: {meta['minutes']:.1f} min ({meta['n_runs']} runs through `dvc exp run --queue`)."
+        + (f" Tables and plot re-analysed from those runs on {meta['reanalysed']}." if meta.get("reanalysed") else ""),
         "",
         "## Design",
         "",
@@ -335,6 +336,14 @@ def run(params: Params, *, arms: list[str], seeds: int, extra: list[str], collec
     meta = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": _machine(),
             "commit": _git("rev-parse", "--short", "HEAD").strip(), "minutes": (time.time() - began) / 60,
             "n_runs": len(runs), "prefix": prefix, "failed": [n for n, s in states.items() if s != "Success"]}
+    if collect_prefix is not None:   # a re-analysis: the run's own command, date, commit and wall time stay
+        try:
+            earlier = json.loads((out_dir / "results.json").read_text())["meta"]
+        except (OSError, ValueError, KeyError):
+            earlier = {}
+        if earlier.get("prefix") == prefix:
+            meta = {**meta, **{k: earlier[k] for k in ("command", "date", "commit", "minutes") if k in earlier},
+                    "reanalysed": f"{meta['date']} at {meta['commit']}"}
     results = write_report(runs, sft, keys, checks, params, meta, out_md, out_dir, log)
     if meta["failed"]:
         raise NoisyRolloutError(f"{len(meta['failed'])} run(s) failed ({', '.join(meta['failed'])}); the report covers "
