@@ -159,7 +159,7 @@ def wait(names: list[str], log: Log, poll: float = 10.0) -> dict[str, str]:
 
 def experiments(prefix: str) -> dict[str, dict[str, Any]]:
     """{name: {"rev", "params"}} of the finished experiments whose names start with `prefix`."""
-    show = json.loads(_dvc("exp", "show", "--json").stdout or "[]")
+    show = json.loads(_dvc("exp", "show", "--all-commits", "--json").stdout or "[]")   # also runs of older commits
     out = {}
     for baseline in show:
         for exp in baseline.get("experiments") or []:
