@@ -16,8 +16,8 @@ task is answerable from coarse spatial layout and every answer needs the picture
 Answers are chosen first (uniformly; ``build_corpus`` balances them exactly per split and task),
 then the picture is built around them, in one style (white background, one palette, one line width).
 The ``ood`` split is the graded out-of-domain testbed: fresh renders, each under one of the shifts of
-``noisyrollout.data.shifts`` at one of three strengths (columns ``shift`` and ``level``), cycling over
-the (shift, level) cells so that every cell gets the same number of rows per task.
+``noisyrollout.data.shifts`` at one of three strengths (columns ``shift`` and ``level``), spread evenly
+over the (shift, level) cells: every cell gets the same number of rows per task, within one.
 
 Everything is a pure function of its arguments: the same seed gives byte-identical images.
 """
