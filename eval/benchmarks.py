@@ -450,9 +450,12 @@ def load_hallubench(data_dir: Path) -> list[EvalSample]:
 def _embedded_extra(row: dict[str, Any]) -> dict[str, Any]:
     """`task`, and on shifted rows (the graded OOD split) `shift`, `level` and `cell` (e.g. "blur-2"). `group` is what
     the split's sub-accuracies are grouped by: the cell when there is one, else the task."""
+    from noisyrollout.data.shifts import cell_name
+
     extra: dict[str, Any] = {"task": _text(row.get("task")) or "unknown"}
     if row.get("shift") not in (None, ""):
-        extra.update(shift=_text(row["shift"]), level=int(row["level"]), cell=f"{_text(row['shift'])}-{int(row['level'])}")
+        shift, level = _text(row["shift"]), int(row["level"])
+        extra.update(shift=shift, level=level, cell=cell_name(shift, level))
     extra["group"] = extra.get("cell", extra["task"])
     return extra
 

@@ -80,9 +80,20 @@ def shift_metrics(results: Iterable[Mapping[str, Any]], prefix: str = "") -> dic
     return {f"{prefix}{key}.accuracy": sum(v) / len(v) for key, v in sorted(by.items())}
 
 
+def load_results(output_dir: Path, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """{benchmark: its graded result rows} from the `OUT/<benchmark>.json` files of one evaluation."""
+    return {name: read_benchmark(Path(output_dir) / f"{name}.json")["results"] for name in names}
+
+
+def sample_outcomes(results: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[tuple[str, str], tuple[str, int]]:
+    """{(benchmark, id): (group, correct 0/1)} for every evaluated sample: what a paired comparison of two checkpoints
+    on the same samples (the ablation's bootstrap) needs. `group` is the OOD cell, the task, or empty."""
+    return {(name, str(r["id"])): (r.get("group") or r.get("task") or "", int(bool(r.get("correct"))))
+            for name, rows in results.items() for r in rows}
+
+
 def write_samples_csv(results: Mapping[str, Iterable[Mapping[str, Any]]], path: Path) -> Path:
-    """One row per evaluated sample (`benchmark,id,group,correct`): what a paired comparison of two checkpoints on the
-    same samples (the ablation's bootstrap) needs. `group` is the OOD cell, the task, or empty."""
+    """`sample_outcomes(results)` as a CSV, one row per sample: `benchmark,id,group,correct`."""
     import csv
 
     path = Path(path)
@@ -91,9 +102,8 @@ def write_samples_csv(results: Mapping[str, Iterable[Mapping[str, Any]]], path: 
     with tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["benchmark", "id", "group", "correct"])
-        for name, rows in results.items():
-            for r in rows:
-                writer.writerow([name, r["id"], r.get("group") or r.get("task") or "", int(bool(r.get("correct")))])
+        for (name, sample_id), (group, correct) in sample_outcomes(results).items():
+            writer.writerow([name, sample_id, group, correct])
     tmp.replace(path)
     return path
 

@@ -122,7 +122,7 @@ def build_model(params: Params, log: Log = print) -> Path:
     return out
 
 
-def _validate_model(model_dir: Path, params: Params, desc: str, which: tuple[str, ...] = ("clean", "noisy")) -> dict[str, Any]:
+def validate_model(model_dir: Path, params: Params, desc: str, which: tuple[str, ...] = ("clean", "noisy")) -> dict[str, Any]:
     """Greedy validation of a checkpoint: `clean` on the val images, `noisy` on them distorted by `noise.distortion` at
     `noise.alpha0` (full strength)."""
     from noisyrollout.rollout.hf_engine import HFEngine
@@ -192,7 +192,7 @@ def sft(params: Params, log: Log = print) -> dict[str, Any]:
         losses = run_sft(model, processor, examples, params)
     model.save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
-    val = _validate_model(out / "model", params, "sft val", which=("clean",))   # distorted: by `train`, for its noise
+    val = validate_model(out / "model", params, "sft val", which=("clean",))   # distorted: by `train`, for its noise
     result = {"loss_first": losses[0] if losses else math.nan, "loss_last": losses[-1] if losses else math.nan, "val": val}
     (out / "val.json").write_text(json.dumps(result, indent=2))
     write_report(params, "sft", {"enabled": True, "loss_first": result["loss_first"], "loss_last": result["loss_last"],
@@ -231,10 +231,10 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
     require_model(init)
     result = train_rl(params, init, log=log)
     record_time("rl steps", sum(m.time_step for m in result.metrics))   # measured inside the learner(s)
-    val = _validate_model(result.model_dir, params, "rl val")
+    val = validate_model(result.model_dir, params, "rl val")
     summary = {"val": val, "steps": len(result.metrics), "mlflow_run_id": result.run_id}
     if params.sft.enabled:   # the SFT policy on this run's distorted images (the SFT stage does not depend on `noise`)
-        summary["sft_noisy"] = _validate_model(init, params, "sft val", which=("noisy",))["noisy"]
+        summary["sft_noisy"] = validate_model(init, params, "sft val", which=("noisy",))["noisy"]
     (Path(params.train.output_dir) / "val.json").write_text(json.dumps(summary, indent=2))
     log(f"rl: val accuracy {val['clean']['accuracy']:.3f}")
     report(params, log=log)
@@ -307,9 +307,9 @@ def evaluate(params: Params, log: Log = print, predictions_from: Path | None = N
     log(render_markdown(summary))
     log(f"eval: results in {cfg.output_dir}")
     if record:
-        from eval.report import read_benchmark, shift_metrics, write_samples_csv
+        from eval.report import load_results, shift_metrics, write_samples_csv
 
-        results = {name: read_benchmark(Path(cfg.output_dir) / f"{name}.json")["results"] for name in summary["benchmarks"]}
+        results = load_results(Path(cfg.output_dir), summary["benchmarks"])
         metrics = {**eval_metrics(summary), **shift_metrics(results.get("embedded_ood", []), prefix="embedded_ood.")}
         write_report(params, "eval", metrics)
         write_samples_csv(results, Path(params.reports_dir) / "eval_samples.csv")

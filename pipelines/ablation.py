@@ -69,16 +69,13 @@ def check_ready(params: Params) -> None:
 
 def sft_baseline(params: Params, out_dir: Path, log: Log) -> dict[tuple[str, str], tuple[str, int]]:
     """Evaluate the SFT checkpoint on the same splits (greedy); its per-sample correctness."""
-    from eval.report import read_benchmark
+    from eval.report import load_results, sample_outcomes
     from noisyrollout import stages
 
     model = Path(params.sft.output_dir) / "model"
     p = params.model_copy(update={"eval": params.eval.model_copy(update={"model": model, "output_dir": out_dir})})
     summary = stages.evaluate(p, log=lambda _: None)
-    samples = {}
-    for name in summary["benchmarks"]:
-        for r in read_benchmark(out_dir / f"{name}.json")["results"]:
-            samples[(name, r["id"])] = (r.get("group") or r.get("task") or "", int(bool(r.get("correct"))))
+    samples = sample_outcomes(load_results(out_dir, summary["benchmarks"]))
     log(f"ablation: SFT start evaluated on {len(samples)} samples")
     return samples
 
@@ -90,13 +87,13 @@ def distortion_check(params: Params, arms: dict[str, dict[str, Any]], log: Log) 
 
     out: dict[str, dict[str, float]] = {}
     model = Path(params.sft.output_dir) / "model"
-    clean = stages._validate_model(model, params, "sft clean", which=("clean",))["clean"]["accuracy"]
+    clean = stages.validate_model(model, params, "sft clean", which=("clean",))["clean"]["accuracy"]
     for arm, overrides in arms.items():
         if "noise.distortion" not in overrides:
             continue
         noise = params.noise.model_copy(update={"distortion": overrides["noise.distortion"],
                                                 "alpha0": float(overrides["noise.alpha0"])})
-        acc = stages._validate_model(model, params.model_copy(update={"noise": noise}), f"sft {arm}",
+        acc = stages.validate_model(model, params.model_copy(update={"noise": noise}), f"sft {arm}",
                                      which=("noisy",))["noisy"]["accuracy"]
         out[arm] = {"clean": clean, "distorted": acc}
         log(f"ablation: SFT val accuracy {clean:.3f} clean, {acc:.3f} under {overrides['noise.distortion']} "

@@ -110,6 +110,7 @@ CELLS: tuple[tuple[str, int], ...] = tuple((name, level) for name in SHIFTS for 
 
 
 def cell_name(shift: str, level: int) -> str:
+    """A cell's name, e.g. "blur-2": the OOD split's sub-accuracy groups and the ablation's subsets use it."""
     return f"{shift}-{level}"
 
 

@@ -103,7 +103,6 @@ _IN_DOMAIN = {
     "grid": (200, 200, 200),
     "segment_widths": [3],
     "bar_width_frac": (0.6, 0.6),
-    "bar_colours_vary": False,
 }
 
 def _style(style: str) -> dict:
@@ -140,10 +139,6 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 def _scaled(width: int, size: int) -> int:
     """A line width given for 56 px images, scaled to ``size`` (0 stays 0)."""
     return 0 if width <= 0 else max(1, round(width * size / 56))
-
-
-def _darker(c: RGB, amount: int) -> RGB:
-    return tuple(max(0, v - amount) for v in c)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +225,8 @@ def _render_bar(rng: random.Random, size: int, st: dict, bg: RGB,
     for i, h in enumerate(heights):
         cx = left + slot * (i + 0.5)
         x0 = round(cx - bar_w / 2)
-        fill = rng.choice(st["palette"]) if st["bar_colours_vary"] else colour
         box = (x0, base - h, x0 + bar_w - 1, base)
-        draw.rectangle(box, fill=fill, outline=st["outline"] if width > 0 else None, width=width)
+        draw.rectangle(box, fill=colour, outline=st["outline"] if width > 0 else None, width=width)
         l0, t0, l1, _ = draw.textbbox((0, 0), BAR_LETTERS[i], font=font)
         draw.text((round(cx - (l0 + l1) / 2), base + 2 - t0), BAR_LETTERS[i], fill=ink, font=font)
     draw.line([(left - 2, base), (size - right, base)], fill=ink, width=1)  # x axis
@@ -249,7 +243,7 @@ def _render_length(rng: random.Random, size: int, st: dict, bg: RGB,
     off = (size - GRID_CELLS * cell) // 2
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
-    grid = st["grid"] or _darker(bg, 45)
+    grid = st["grid"]
     for j in range(GRID_CELLS + 1):
         p = min(off + j * cell, size - 1)
         draw.line([(p, 0), (p, size - 1)], fill=grid, width=1)
