@@ -8,10 +8,29 @@ The public API is the algorithm core; everything heavy (models, engines, orchest
     score(response, ground_truth)                                               -> {"overall", "accuracy", "format"}
 """
 
-from noisyrollout.algo.advantages import group_advantages
-from noisyrollout.algo.augment import distort
-from noisyrollout.algo.reward import score
-from noisyrollout.algo.schedule import anneal
 
-__all__ = ["anneal", "distort", "group_advantages", "score"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562): `import noisyrollout` alone must not import torch, torchvision and math-verify,
+# since every pipeline stage is a fresh `noisyrollout <stage>` process and most stages (prepare, the GX gate, the
+# registry) need none of them.
+_API = {"anneal": "noisyrollout.algo.schedule", "distort": "noisyrollout.algo.augment",
+        "group_advantages": "noisyrollout.algo.advantages", "score": "noisyrollout.algo.reward"}
+
+__all__ = sorted(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'noisyrollout' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -142,9 +142,11 @@ class NoiseConfig(Section):
 
     @model_validator(mode="after")
     def _valid_strength_and_schedule(self) -> "NoiseConfig":
-        from noisyrollout.algo.augment import check_distortion
+        top = ALPHA0_MAX.get(self.distortion)
+        if top is None:   # a tv: transform; imported only then (torchvision is heavy, most stages need none of it)
+            from noisyrollout.algo.augment import check_distortion
 
-        top = ALPHA0_MAX.get(self.distortion) or check_distortion(self.distortion)
+            top = check_distortion(self.distortion)
         if top is not None and self.alpha0 > top:
             raise ValueError(f"noise.alpha0={self.alpha0:g} is out of range for {self.distortion} (at most {top:g})")
         if self.anneal in ANNEAL_COEFS:

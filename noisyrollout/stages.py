@@ -12,16 +12,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from noisyrollout.config import Params
 from noisyrollout.errors import DataError, NoisyRolloutError
-from noisyrollout.timing import model_work, record as record_time
+from noisyrollout.timing import model_work, overhead, record as record_time
 
 Log = Callable[[str], None]
 
 
 def set_threads(params: Params) -> None:
+    import torch   # here, not at the top: the stages without a model (prepare, validate, register, promote) skip it
+
     torch.set_num_threads(params.threads)
 
 
@@ -84,8 +84,9 @@ def validate(params: Params, log: Log = print) -> dict[str, Any]:
 
     cfg = params.gate
     splits = [s for s in cfg.splits if s in params.data.sources()]
-    result = run_gate(Path(params.data.prepared_dir), splits, docs_dir=Path(cfg.docs_dir),
-                      min_image_pixels=cfg.min_image_pixels, max_image_pixels=cfg.max_image_pixels)
+    with overhead("validate: GX gate + Data Docs"):
+        result = run_gate(Path(params.data.prepared_dir), splits, docs_dir=Path(cfg.docs_dir),
+                          min_image_pixels=cfg.min_image_pixels, max_image_pixels=cfg.max_image_pixels)
     write_report(params, "gate", result.to_dict())
     log(result.summary())
     if result.docs_index is not None:
@@ -237,7 +238,8 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
         summary["sft_noisy"] = validate_model(init, params, "sft val", which=("noisy",))["noisy"]
     (Path(params.train.output_dir) / "val.json").write_text(json.dumps(summary, indent=2))
     log(f"rl: val accuracy {val['clean']['accuracy']:.3f}")
-    report(params, log=log)
+    with overhead("train: report + plots"):
+        report(params, log=log)
     return summary
 
 
@@ -419,10 +421,11 @@ def register(params: Params, log: Log = print) -> dict[str, Any]:
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    info = register_version(name=params.registry.model_name, model_dir=rl_dir / "model", run_id=run_id,
-                            experiment=params.tracking.experiment, eval_metrics=numeric, tags=tags,
-                            description=_model_card(params, numeric, tags), tracking_uri=uri,
-                            artifact_root=params.tracking.artifact_root)
+    with overhead("register: MLflow registry"):
+        info = register_version(name=params.registry.model_name, model_dir=rl_dir / "model", run_id=run_id,
+                                experiment=params.tracking.experiment, eval_metrics=numeric, tags=tags,
+                                description=_model_card(params, numeric, tags), tracking_uri=uri,
+                                artifact_root=params.tracking.artifact_root)
     write_report(params, "register", {"name": info["name"], "version": int(info["version"]), "run_id": info["run_id"]})
     log(f"register: {info['name']} version {info['version']} (alias challenger) from {info['source']}")
     return info
@@ -443,8 +446,9 @@ def promote(params: Params, log: Log = print, version: str | None = None) -> dic
     record = version is None     # the DAG's stage judges what `register` wrote and records the decision for DVC
     if version is None and registered.is_file():
         version = str(json.loads(registered.read_text())["version"])
-    decision = promote_version(name=params.registry.model_name, metric=params.registry.metric,
-                               margin=params.registry.margin, version=version, tracking_uri=uri)
+    with overhead("promote: MLflow registry"):
+        decision = promote_version(name=params.registry.model_name, metric=params.registry.metric,
+                                   margin=params.registry.margin, version=version, tracking_uri=uri)
     if record:
         write_report(params, "promotion", {k: decision.get(k) for k in ("candidate", "champion_before", "champion_after",
                                                                         "decision", "reason", "metric")})

@@ -5,7 +5,7 @@ Stages wrap their model compute (training steps, validation and evaluation decod
 included) as "process <stage>". When the environment variable NOISYROLLOUT_TIMINGS names a file, each record
 appends one JSON line {"label", "seconds"} to it; otherwise nothing is written. Everything a `dvc repro` spends outside these blocks
 (process start-up, imports, DVC, data preparation, the GX gate, MLflow, the registry, Ray start-up, checkpoints)
-is the pipeline's overhead.
+is the pipeline's overhead; `overhead(label)` names the larger pieces of it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ def model_work(label: str) -> Iterator[None]:
         yield
     finally:
         record(label, time.perf_counter() - start)
+
+
+@contextmanager
+def overhead(label: str) -> Iterator[None]:
+    """A named piece of the overhead (starting learners, checkpoints, MLflow, ...), recorded as "overhead <label>"
+    so that the benchmark can say where the time outside model work goes."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        record(f"overhead {label}", time.perf_counter() - start)
 
 
 def record_process(stage: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,17 @@ def test_before_after_without_sft_has_no_before_column(tmp_path):
     assert "| val accuracy (distorted images) | (no SFT) | 0.250 | |" in table
     assert summary["val_accuracy_gain"] != summary["val_accuracy_gain"]   # nan: no SFT to compare with
     assert summary["train_reward_clean_first10"] == pytest.approx(0.4)
+
+
+def test_the_cli_and_the_light_stages_do_not_import_torch():
+    """Every DAG stage is a fresh process: the CLI, the parameters and the stages without a model (prepare, the GX
+    gate, the registry) must not pay for torch / torchvision / transformers (~3 s per process on 2 cores)."""
+    code = ("import sys, noisyrollout, noisyrollout.cli, noisyrollout.stages, noisyrollout.data.loaders, "
+            "pipelines.validate, pipelines.registry\n"
+            "from noisyrollout.config import load_params\n"
+            "load_params('params.yaml', ['noise.distortion=crop_fill'])\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'ray', 'deepspeed') if m in sys.modules))\n"
+            "print(noisyrollout.anneal(0, 10))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
+    assert out == ["[]", "1.0"]   # and the public API still resolves (lazily)

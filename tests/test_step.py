@@ -285,3 +285,65 @@ def test_common_prompt_prefix_is_computed_once_with_the_plain_numbers(tiny_model
     assert head.prefix_length > 20                                      # the system prompt is shared
     assert torch.allclose(head.last_hidden, plain, atol=1e-5)
     assert head.cache.get_seq_length() == head.input_ids.shape[1]
+
+
+def _reference_prefix_length(input_ids, attention_mask, stop_ids):
+    """The definition, token by token: the longest run every row shares, before a stop token, leaving one token."""
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    common = 0
+    while (common < min(map(len, rows)) - 1 and rows[0][common] not in stop_ids
+           and all(r[common] == rows[0][common] for r in rows)):
+        common += 1
+    return common
+
+
+def test_common_prefix_layout_matches_the_token_by_token_definition():
+    """The vectorised prefix search against the loop it replaced, on random left-padded batches."""
+    import random
+
+    from noisyrollout.models.prefix import common_prefix_layout
+
+    rng = random.Random(0)
+    lengths_seen = set()
+    for _ in range(2000):
+        base = [rng.randint(0, 3) for _ in range(rng.randint(1, 8))]
+        rows = [base[:rng.randint(1, len(base))] if rng.random() < 0.7 else
+                [rng.randint(0, 3) for _ in range(rng.randint(1, 8))] for _ in range(rng.randint(1, 5))]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        laid_ids, laid_mask, common = common_prefix_layout(ids, mask, {3})
+        assert common == _reference_prefix_length(ids, mask, {3})
+        lengths_seen.add(common)
+        for i, r in enumerate(rows):   # every row is still its own tokens, prefix first
+            assert laid_ids[i][laid_mask[i].bool()].tolist() == r
+    assert len(lengths_seen) >= 5      # short, long and no prefix all occurred
+
+
+def test_twin_prompts_are_tokenized_once_with_the_plain_processor_output(tiny_model_dir, corpus_dir):
+    """encode_chats (clean + distorted prompts: the same texts, other pixels) gives the processor's own tensors."""
+    from noisyrollout.rollout.chat import encode_chats
+
+    params, processor, _, _, batch, _ = _setup(tiny_model_dir, corpus_dir)
+    g = torch.Generator().manual_seed(0)
+    noisy = [distort(img, "crop_fill", 0.3, 1.0, g) for img in batch.images]
+    processor.tokenizer.padding_side = "left"
+    problems, images = batch.problems * 2, batch.images + noisy
+    plain = processor(text=[chat_text(processor, q, params.model.system_prompt) for q in problems], images=images,
+                      padding=True, return_tensors="pt")
+    shared = encode_chats(processor, problems, images, params.model.system_prompt)
+    assert set(shared.keys()) == set(plain.keys())
+    for key in plain:
+        assert torch.equal(shared[key], plain[key]), key
+    assert not torch.equal(plain["pixel_values"][:16], plain["pixel_values"][-16:])   # really other pixels
+    # a distortion that changes the size (rotate expands the canvas) gets its own tokens
+    rotated = [distort(img, "rotate", 30, 1.0, g) for img in batch.images]
+    assert rotated[0].size != batch.images[0].size
+    images = batch.images + rotated
+    plain = processor(text=[chat_text(processor, q, params.model.system_prompt) for q in problems], images=images,
+                      padding=True, return_tensors="pt")
+    shared = encode_chats(processor, problems, images, params.model.system_prompt)
+    for key in plain:
+        assert torch.equal(shared[key], plain[key]), key

@@ -39,10 +39,10 @@ def common_prefix_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     backward structure on every learner: see `train/scoring.py:response_logprobs`)."""
     rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask)]
     shortest = min(len(r) for r in rows)
-    common = 0
-    while (common < shortest - 1 and int(rows[0][common]) not in stop_ids
-           and all(int(r[common]) == int(rows[0][common]) for r in rows[1:])):
-        common += 1
+    heads = torch.stack([r[:shortest] for r in rows])                       # (U, shortest)
+    shared = (heads == heads[:1]).all(dim=0) & ~torch.isin(heads[0], torch.tensor(sorted(stop_ids), device=heads.device))
+    shared[max(shortest - 1, 0):] = False                                  # leave every row at least one token
+    common = int(shared.long().cumprod(dim=0).sum())                       # length of the leading run of shared columns
     if common == 0:
         return input_ids, attention_mask, 0
     width = max(len(r) for r in rows) - common

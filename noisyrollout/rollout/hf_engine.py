@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from noisyrollout.rollout.chat import chat_text
+from noisyrollout.rollout.chat import encode_chats
 from noisyrollout.rollout.engine import Generation, Prompt, SamplingParams
 
 # Sampling one of these would break the next forward ("image features and image tokens do not match").
@@ -86,8 +86,7 @@ class HFEngine:
     def _generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
         tok = self.processor.tokenizer
         tok.padding_side = "left"
-        texts = [chat_text(self.processor, p.text, self.system_prompt) for p in prompts]
-        inputs = self.processor(text=texts, images=[p.image for p in prompts], padding=True, return_tensors="pt")
+        inputs = encode_chats(self.processor, [p.text for p in prompts], [p.image for p in prompts], self.system_prompt)
         inputs = dict(inputs.to(self.model.device))
         if self.cache_vision:
             with torch.no_grad():

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from noisyrollout.config import Params
 from noisyrollout.errors import NoisyRolloutError
+from noisyrollout.timing import overhead
 from noisyrollout.train import checkpoint
 from noisyrollout.train.batching import batch_indices
 from noisyrollout.train.metrics import MetricsLog, StepMetrics
@@ -148,7 +149,8 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
     tracker = None
     group: LearnerGroup | None = None
     try:
-        group = group_factory(params, init_dir)
+        with overhead("train: start learners"):
+            group = group_factory(params, init_dir)
         history: list[dict[str, Any]] = []
         start, run_id = 0, None
         if resume_from is not None:
@@ -157,7 +159,8 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
             start, history, run_id = state["step"], state["metrics"], state.get("mlflow_run_id")
             log(f"resumed from {resume_from} at step {start}")
         metrics_log.rewrite(history)
-        tracker = _tracker(params, run_id)
+        with overhead("train: mlflow"):
+            tracker = _tracker(params, run_id)
         # steps after the checkpoint that the crashed run had already logged: recomputed, not logged twice
         logged_upto = tracker.last_logged_step("noise/alpha") if tracker is not None and run_id else -1
         bar = tqdm(range(start, cfg.steps), desc="rl", disable=not progress, initial=start, total=cfg.steps)
@@ -167,7 +170,8 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
             metrics_log.append(metrics)
             history.append(asdict(metrics))
             if tracker is not None and step > logged_upto:
-                tracker.log_metrics(metrics.to_dict(), step=step)
+                with overhead("train: mlflow"):
+                    tracker.log_metrics(metrics.to_dict(), step=step)
             if on_step is not None:
                 on_step(metrics)
             bar.set_postfix(clean=f"{metrics.reward_clean:.2f}", noisy=f"{metrics.reward_noisy:.2f}")
@@ -175,21 +179,24 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
                 (bar.write if progress else log)(metrics.line())
             every = params.checkpoint.every
             if every and ((step + 1) % every == 0 or step + 1 == cfg.steps):   # the last step too: rerun = no-op
-                tmp = checkpoint.staging_dir(ckpt_root, step + 1)
-                group.save(tmp)
-                state = {"step": step + 1, "metrics": history, "time": time.time(), "fingerprint": fingerprint,
-                         "fingerprint_core": core,
-                         "train_steps": cfg.steps, "mlflow_run_id": tracker.run_id if tracker is not None else None}
-                checkpoint.commit(tmp, state, params.checkpoint.keep_last)
+                with overhead("train: checkpoints"):
+                    tmp = checkpoint.staging_dir(ckpt_root, step + 1)
+                    group.save(tmp)
+                    state = {"step": step + 1, "metrics": history, "time": time.time(), "fingerprint": fingerprint,
+                             "fingerprint_core": core, "train_steps": cfg.steps,
+                             "mlflow_run_id": tracker.run_id if tracker is not None else None}
+                    checkpoint.commit(tmp, state, params.checkpoint.keep_last)
         model_dir = out_dir / "model"
-        group.save_hf(model_dir)
+        with overhead("train: checkpoints"):
+            group.save_hf(model_dir)
         run_id = None
         if tracker is not None:
             from noisyrollout.tracking import plot_metrics
 
-            tracker.log_figure_png(plot_metrics(history, out_dir / "training.png"))
-            tracker.log_artifact_dir(model_dir, "model")
-            tracker.finish()
+            with overhead("train: mlflow"):
+                tracker.log_figure_png(plot_metrics(history, out_dir / "training.png"))
+                tracker.log_artifact_dir(model_dir, "model")
+                tracker.finish()
             run_id = tracker.run_id
         return RLResult(model_dir=model_dir, metrics=[StepMetrics(**m) for m in history], run_id=run_id)
     except BaseException:
@@ -198,4 +205,5 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
         raise
     finally:
         if group is not None:
-            group.close()
+            with overhead("train: stop learners"):
+                group.close()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from noisyrollout.rollout.chat import chat_text
+from noisyrollout.rollout.chat import encode_chats
 
 
 @dataclass
@@ -40,9 +40,8 @@ def cache_image_features(model: Any, prompts: EncodedPrompts) -> EncodedPrompts:
 
 def encode_prompts(processor: Any, images: Sequence[Image.Image], problems: Sequence[str],
                    system_prompt: str | None) -> EncodedPrompts:
-    texts = [chat_text(processor, p, system_prompt) for p in problems]
     processor.tokenizer.padding_side = "left"
-    enc = processor(text=texts, images=list(images), padding=True, return_tensors="pt")
+    enc = encode_chats(processor, problems, images, system_prompt)
     ids = [row[mask.bool()] for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
     grid = enc["image_grid_thw"]
     pixels = list(torch.split(enc["pixel_values"], grid.prod(-1).tolist()))
