@@ -53,8 +53,9 @@ class LocalGroup:
     def __init__(self, params: Params, init_dir: Path) -> None:
         from noisyrollout.train.learner import Learner
 
-        self.learner = Learner(0, 1, params.model_dump(mode="json"), str(init_dir), distributed=False)
-        self.num_records = self.learner.setup()
+        with overhead("train: start learners: setup (policy, data)"):
+            self.learner = Learner(0, 1, params.model_dump(mode="json"), str(init_dir), distributed=False)
+            self.num_records = self.learner.setup()
 
     def step(self, step: int, total_steps: int, indices: list[int]) -> StepMetrics:
         metrics, scores = self.learner.step(step, total_steps, indices)
@@ -149,8 +150,7 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
     tracker = None
     group: LearnerGroup | None = None
     try:
-        with overhead("train: start learners"):
-            group = group_factory(params, init_dir)
+        group = group_factory(params, init_dir)   # timed inside (timing.overhead "train: start learners: ...")
         history: list[dict[str, Any]] = []
         start, run_id = 0, None
         if resume_from is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from noisyrollout.config import Params
 from noisyrollout.errors import NoisyRolloutError
+from noisyrollout.timing import overhead
 from noisyrollout.train.learner import Learner, free_port
 from noisyrollout.train.metrics import StepMetrics
 
@@ -65,21 +66,24 @@ class RayGroup:
         import ray
 
         self.ray = ray
-        self.started = start_ray(params)
+        with overhead("train: start learners: Ray"):
+            self.started = start_ray(params)
         cfg = params.cluster
         run = uuid.uuid4().hex[:8]   # actor names unique per run: two runs can share an external cluster
         self.names = [f"learner-{r}" for r in range(cfg.num_learners)]
         self.actors: list[Any] = []
         try:
             actor = ray.remote(learner_cls)
-            for r, name in enumerate(self.names):
-                self.actors.append(actor.options(
-                    name=f"noisyrollout-{run}-{name}", num_cpus=cfg.cpus_per_learner, num_gpus=cfg.gpus_per_learner,
-                    max_restarts=0, max_task_retries=0,
-                ).remote(r, cfg.num_learners, params.model_dump(mode="json"), str(init_dir)))
-            master_addr, master_port = self._gather([self.actors[0].node_ip.remote(), self.actors[0].free_port.remote()],
-                                                    [0, 0])
-            self.num_records = self.call("setup", master_addr, master_port)[0]
+            with overhead("train: start learners: actor processes"):
+                for r, name in enumerate(self.names):
+                    self.actors.append(actor.options(
+                        name=f"noisyrollout-{run}-{name}", num_cpus=cfg.cpus_per_learner,
+                        num_gpus=cfg.gpus_per_learner, max_restarts=0, max_task_retries=0,
+                    ).remote(r, cfg.num_learners, params.model_dump(mode="json"), str(init_dir)))
+                master_addr, master_port = self._gather([self.actors[0].node_ip.remote(),
+                                                         self.actors[0].free_port.remote()], [0, 0])
+            with overhead("train: start learners: setup (policy, DeepSpeed, data)"):
+                self.num_records = self.call("setup", master_addr, master_port)[0]
         except BaseException:
             self.close()
             raise
