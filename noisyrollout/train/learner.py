@@ -110,6 +110,12 @@ class Learner:
             os.environ.update(dist_env(self.rank, self.world_size, master_addr or "127.0.0.1", master_port or 0))
             import deepspeed
 
+            if not cuda:
+                # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op at init, used only by its
+                # inference engine; training's collectives are gloo's. That compile took 24 s of the learner start
+                # whenever torch's extension cache was stale (every other run here). `__compatible_ops__` is the
+                # per-launch table DeepSpeed reads (edits persist, deepspeed/ops/__init__.py): mark the op unusable.
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
             optimizer, scheduler = adamw(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                                          warmup_steps=train.warmup_steps, total_steps=train.steps)
@@ -125,8 +131,9 @@ class Learner:
                                             max_grad_norm=train.max_grad_norm)
             self.collective = Collective(1)
         self.rollout_engine = self._rollout_engine()
-        self.records = load_records(str(params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,
-                                    max_pixels=params.data.max_pixels)
+        records = load_records(str(params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,
+                               max_pixels=params.data.max_pixels)
+        self.records = records[params.rl_first_example:]   # the SFT warm start's own examples are not RL prompts
         return len(self.records)
 
     def _rollout_engine(self) -> Any:
