@@ -347,3 +347,20 @@ def test_twin_prompts_are_tokenized_once_with_the_plain_processor_output(tiny_mo
     shared = encode_chats(processor, problems, images, params.model.system_prompt)
     for key in plain:
         assert torch.equal(shared[key], plain[key]), key
+
+
+def test_rl_prompts_exclude_the_sft_examples(tiny_model_dir, corpus_dir):
+    """sft.examples=N: SFT's examples are the split's first N, RL's prompts the rest (none shared, none lost)."""
+    from noisyrollout.train.learner import Learner
+
+    every = [r["id"] for r in load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136)]
+    sft = [r["id"] for r in load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136, limit=30)]
+    for overrides, first in (({"sft": {"examples": 30}}, 30), ({"sft": {"examples": 30, "enabled": False}}, 0),
+                             ({}, 0)):
+        params = Params.model_validate({"data": {"prepared_dir": str(corpus_dir)}, **overrides})
+        assert params.rl_first_example == first
+        learner = Learner(0, 1, params.model_dump(mode="json"), str(tiny_model_dir), distributed=False)
+        assert learner.setup() == len(every) - first
+        rl = [r["id"] for r in learner.records]
+        assert rl == every[first:]
+    assert sft == every[:30] and not set(sft) & set(every[30:])
