@@ -48,6 +48,7 @@ MAX_TAG_VALUE_LENGTH = 8000
 MAX_KEY_LENGTH = 250
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
+FLUSH_SECONDS = 5.0           # metrics are written at most this long after they are logged (Tracker.log_metrics)
 
 # The project's one secret-name filter (`is_secret_key`): MLflow params and tags here, eval reports'
 # configs (`eval.report.redact`). A name component (split on "." then into words: snake_case, kebab-case,
@@ -169,6 +170,7 @@ class Tracker:
         self.artifact_root = artifact_dir(artifact_root)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._finished = False
+        self._pending: list[Any] = []              # metrics not yet written (see log_metrics)
 
         if run_id is not None:
             run = self.client.get_run(run_id)   # raises MlflowException (RESOURCE_DOES_NOT_EXIST) for a bad id
@@ -183,6 +185,7 @@ class Tracker:
             self.run_id = run.info.run_id
             self.resumed = False
         self.artifact_uri = run.info.artifact_uri
+        self._flushed_at = time.monotonic()
         atexit.register(self._at_exit)
 
     # -- experiment / run lifecycle --------------------------------------------------------------------
@@ -212,6 +215,7 @@ class Tracker:
             return
         self._finished = True
         atexit.unregister(self._at_exit)
+        self.flush()
         self.client.set_terminated(self.run_id, status=status)
 
     def _at_exit(self) -> None:
@@ -259,17 +263,29 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Metrics of one step. nan / inf / None / non-numbers are skipped (MLflow would store nan, and its
-        charts break on it; e.g. reward_noisy is nan when n_noisy = 0)."""
+        charts break on it; e.g. reward_noisy is nan when n_noisy = 0).
+
+        They are written every FLUSH_SECONDS (and by `flush`, `finish`, or a read of the run's history) in one
+        `log_batch` call for all steps since the last write: one database commit per step cost ~35 ms, 4 s of a
+        120-step run. The MLflow UI trails by at most FLUSH_SECONDS; a resumed run re-logs what a crash lost."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        batch = [Metric(str(k), v, ts, int(step)) for k, raw in metrics.items()
-                 if (v := finite_or_none(raw)) is not None]
-        for i in range(0, len(batch), _METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + _METRICS_PER_BATCH])
+        self._pending += [Metric(str(k), v, ts, int(step)) for k, raw in metrics.items()
+                          if (v := finite_or_none(raw)) is not None]
+        if len(self._pending) >= _METRICS_PER_BATCH or time.monotonic() - self._flushed_at >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the metrics logged since the last write."""
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), _METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=pending[i:i + _METRICS_PER_BATCH])
+        self._flushed_at = time.monotonic()
 
     def last_logged_step(self, key: str) -> int:
         """The highest step at which `key` was logged in this run, -1 if never (a resumed run starts after it)."""
+        self.flush()
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:

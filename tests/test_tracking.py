@@ -181,3 +181,22 @@ def test_queued_dvc_experiments_log_into_the_repository_store(tmp_path):
     workspace.mkdir(parents=True)
     assert project_root(workspace) == (tmp_path / "repo").resolve()
     assert project_root(tmp_path / "repo") == (tmp_path / "repo").resolve()
+
+
+def test_metrics_are_written_in_batches_and_never_lost(store, workdir):
+    """Steps are buffered (one log_batch per FLUSH_SECONDS, not one commit per step), and every path that reads or
+    ends the run writes them first."""
+    client = store["client"]
+    with Tracker("noisyrollout-buffer", tracking_uri=store["uri"], artifact_root=store["artifacts"]) as tr:
+        for step in range(5):
+            tr.log_metrics({"x": float(step)}, step=step)
+        assert client.get_metric_history(tr.run_id, "x") == []       # still buffered: written together
+        assert tr.last_logged_step("x") == 4                         # a read writes them first
+        assert [m.value for m in client.get_metric_history(tr.run_id, "x")] == [0.0, 1.0, 2.0, 3.0, 4.0]
+        tr.log_metrics({"x": 5.0}, step=5)
+    assert [m.step for m in client.get_metric_history(tr.run_id, "x")] == [0, 1, 2, 3, 4, 5]   # finish writes
+    with pytest.raises(RuntimeError):
+        with Tracker("noisyrollout-buffer", tracking_uri=store["uri"], artifact_root=store["artifacts"]) as failed:
+            failed.log_metrics({"x": 1.0}, step=0)
+            raise RuntimeError("boom")
+    assert [m.value for m in client.get_metric_history(failed.run_id, "x")] == [1.0]   # a failed run keeps them
