@@ -342,7 +342,8 @@ def render(r: dict[str, Any], command: str, elapsed: float) -> str:
                   "| stage | process (s) | model work (s) | outside model work (s) |", "|---|---|---|---|"]
         for stage, t in p5["stages"].items():
             lines.append(f"| {stage} | {t['process']:.1f} | {t['model']:.1f} | {t['process'] - t['model']:.1f} |")
-        lines += [f"| DVC itself (hashing, lock file, between stages) | - | - | {p5['dvc_s']:.1f} |",
+        lines += [f"| between the stage processes (DVC: hashing, lock file; interpreter start and teardown) | - | - | "
+                  f"{p5['dvc_s']:.1f} |",
                   f"| **`dvc repro` wall time** | **{p5['wall_s']:.1f}** | **{p5['model_s']:.1f}** | "
                   f"**{p5['overhead_s']:.1f}** |", "",
                   "Model work = SFT and RL steps, validation and evaluation decoding, building the model. Everything "
