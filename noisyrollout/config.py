@@ -108,9 +108,10 @@ class SFTConfig(Section):
     enabled: bool = Field(True, description="Run the SFT warm start (the role of the Instruct checkpoint).")
     steps: int = Field(320, ge=0, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
-    examples: int | None = Field(None, ge=1, description="SFT trains on the first N examples of the train split and RL "
-                                 "draws its prompts from the rest, so RL learns on prompts the warm start never saw "
-                                 "(as the paper's Instruct model never saw Geometry3K); null = both use the whole split.")
+    fraction: float | None = Field(None, gt=0, lt=1, description="SFT trains on this leading fraction of the train "
+                                   "split and RL draws its prompts from the rest, so RL learns on prompts the warm start "
+                                   "never saw (as the paper's Instruct model never saw Geometry3K); null = both use "
+                                   "the whole split.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (linear warm-up, cosine decay).")
     warmup_steps: int = Field(10, ge=0, description="Warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -305,11 +306,14 @@ class Params(Section):
         """The RL stage's seed: `train.seed`, or the global `seed` when that is null."""
         return self.seed if self.train.seed is None else self.train.seed
 
-    @property
-    def rl_first_example(self) -> int:
-        """Index of the first train example RL may prompt with: those before it are the SFT warm start's own
-        (`sft.examples`, when SFT runs)."""
-        return self.sft.examples if self.sft.enabled and self.sft.examples else 0
+    def sft_examples(self, n_train: int) -> int:
+        """How many of the `n_train` train examples (the first ones) are the SFT warm start's: `sft.fraction` of
+        them, all without a fraction. RL prompts start after them when SFT runs (`rl_first_example`)."""
+        return round(n_train * self.sft.fraction) if self.sft.fraction else n_train
+
+    def rl_first_example(self, n_train: int) -> int:
+        """Index of the first of the `n_train` train examples RL may prompt with."""
+        return self.sft_examples(n_train) if self.sft.enabled and self.sft.fraction else 0
 
     @property
     def world_size(self) -> int:

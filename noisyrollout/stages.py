@@ -188,7 +188,10 @@ def sft(params: Params, log: Log = print) -> dict[str, Any]:
     base = params.model.base
     processor = load_processor(base, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels)
     model = load_model(base, dtype=params.model.dtype)
-    examples = load_records(prepared(params), "train", params, limit=params.sft.examples)
+    from noisyrollout.data.loaders import load_examples
+
+    n_train = len(load_examples(prepared(params), split="train"))
+    examples = load_records(prepared(params), "train", params, limit=params.sft_examples(n_train))
     with model_work("sft steps"):
         losses = run_sft(model, processor, examples, params)
     model.save_pretrained(out / "model")
@@ -229,10 +232,10 @@ def train(params: Params, log: Log = print) -> dict[str, Any]:
     from noisyrollout.train.driver import train_rl
 
     train_rows = len(load_examples(prepared(params), split="train"))  # bad rows fail here, before any learner starts
-    if params.rl_first_example + params.train.prompts_per_step > train_rows:
-        raise NoisyRolloutError(f"sft.examples={params.rl_first_example} leaves {train_rows - params.rl_first_example} of "
-                                f"the {train_rows} train examples for RL, fewer than train.prompts_per_step="
-                                f"{params.train.prompts_per_step}")
+    rl_rows = train_rows - params.rl_first_example(train_rows)
+    if rl_rows < params.train.prompts_per_step:
+        raise NoisyRolloutError(f"sft.fraction={params.sft.fraction} leaves {rl_rows} of the {train_rows} train examples "
+                                f"for RL, fewer than train.prompts_per_step={params.train.prompts_per_step}")
     require_model(init)
     result = train_rl(params, init, log=log)
     record_time("rl steps", sum(m.time_step for m in result.metrics))   # measured inside the learner(s)

@@ -100,11 +100,11 @@ def test_bad_training_rows_give_one_line_errors(workdir):
         _assert_one_line_error(result, "train.jsonl", needle)
 
 
-def test_sft_examples_that_leave_too_few_rl_prompts_give_a_one_line_error(workdir):
+def test_an_sft_fraction_that_leaves_too_few_rl_prompts_give_a_one_line_error(workdir):
     __import__("PIL.Image").Image.new("RGB", (56, 56), "white").save(workdir / "ok.png")
     (workdir / "train.jsonl").write_text('{"images": ["ok.png"], "problem": "<image>q", "answer": "1"}\n' * 20)
-    result = invoke("train", "--params", "params.yaml", "-S", f"data.prepared_dir={workdir}", "-S", "sft.examples=10")
-    _assert_one_line_error(result, "sft.examples=10 leaves 10 of the 20", "train.prompts_per_step=16")
+    result = invoke("train", "--params", "params.yaml", "-S", f"data.prepared_dir={workdir}", "-S", "sft.fraction=0.5")
+    _assert_one_line_error(result, "sft.fraction=0.5 leaves 10 of the 20", "train.prompts_per_step=16")
 
 
 def test_bad_parameters_give_one_line_errors(workdir):

@@ -350,17 +350,19 @@ def test_twin_prompts_are_tokenized_once_with_the_plain_processor_output(tiny_mo
 
 
 def test_rl_prompts_exclude_the_sft_examples(tiny_model_dir, corpus_dir):
-    """sft.examples=N: SFT's examples are the split's first N, RL's prompts the rest (none shared, none lost)."""
+    """sft.fraction=f: SFT's examples are the split's first round(f N), RL's prompts the rest (none shared, none
+    lost); without SFT, or without a fraction, RL prompts with all of them."""
     from noisyrollout.train.learner import Learner
 
     every = [r["id"] for r in load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136)]
-    sft = [r["id"] for r in load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136, limit=30)]
-    for overrides, first in (({"sft": {"examples": 30}}, 30), ({"sft": {"examples": 30, "enabled": False}}, 0),
+    assert len(every) == 90
+    for overrides, first in (({"sft": {"fraction": 1 / 3}}, 30), ({"sft": {"fraction": 1 / 3, "enabled": False}}, 0),
                              ({}, 0)):
         params = Params.model_validate({"data": {"prepared_dir": str(corpus_dir)}, **overrides})
-        assert params.rl_first_example == first
+        assert params.rl_first_example(90) == first
         learner = Learner(0, 1, params.model_dump(mode="json"), str(tiny_model_dir), distributed=False)
-        assert learner.setup() == len(every) - first
-        rl = [r["id"] for r in learner.records]
-        assert rl == every[first:]
-    assert sft == every[:30] and not set(sft) & set(every[30:])
+        assert learner.setup() == 90 - first
+        assert [r["id"] for r in learner.records] == every[first:]
+    params = Params.model_validate({"sft": {"fraction": 1 / 3}})
+    assert params.sft_examples(90) == 30 and Params().sft_examples(90) == 90   # SFT's share: the first 30, or all
+    assert Params.model_validate({"sft": {"fraction": 2 / 3}}).sft_examples(3000) == 2000

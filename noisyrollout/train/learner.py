@@ -133,7 +133,7 @@ class Learner:
         self.rollout_engine = self._rollout_engine()
         records = load_records(str(params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,
                                max_pixels=params.data.max_pixels)
-        self.records = records[params.rl_first_example:]   # the SFT warm start's own examples are not RL prompts
+        self.records = records[params.rl_first_example(len(records)):]   # the SFT warm start's are not RL prompts
         return len(self.records)
 
     def _rollout_engine(self) -> Any:
