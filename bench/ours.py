@@ -121,6 +121,53 @@ def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_st
     return out
 
 
+def noisy_prompt_cost(model_dir: Path, *, prompts_per_step: int = 16, n: int = 12, repeats: int = 15,
+                      threads: int = 2, params_file: str = "params.yaml") -> dict[str, Any]:
+    """P2's parts: what a step's distorted prompts add before decoding, timed apart (medians over `repeats` batches).
+
+    `n` clean rollouts per prompt prefill P prompts; n/2 clean + n/2 noisy prefill 2P (each distorted image is its own
+    prompt). Decoding runs P x n rows either way, and the update scores every response on the clean image either
+    way, so these parts are the whole difference between the two arms: the distortion, the processor (the twins'
+    text is tokenized once, `encode_chats`), the vision tower on the distorted images, and their prefill.
+    """
+    from noisyrollout.algo.augment import distort
+    from noisyrollout.rollout.chat import encode_chats
+    from noisyrollout.train.learner import Learner
+
+    torch.set_num_threads(threads)
+    params = load_params(params_file, [f"threads={threads}", "cluster.trainer=local",
+                                       f"train.prompts_per_step={prompts_per_step}"])
+    learner = Learner(0, 1, params.model_dump(mode="json"), str(model_dir), distributed=False)
+    learner.setup()
+    engine, processor, model = learner.rollout_engine, learner.processor, learner.model
+    processor.tokenizer.padding_side = "left"
+    generator = torch.Generator().manual_seed(0)
+    times: dict[str, dict[str, list[float]]] = {"grpo": {}, "noisyrollout": {}}
+    for r in range(repeats + 1):                       # the first batch warms up, untimed
+        chosen = learner.records[(r * prompts_per_step) % len(learner.records):][:prompts_per_step]
+        images, problems = [c["image"] for c in chosen], [c["problem"] for c in chosen]
+        for arm in ("grpo", "noisyrollout"):
+            t0 = time.perf_counter()
+            noisy = [distort(img, params.noise.distortion, params.noise.alpha0, 1.0, generator) for img in images] \
+                if arm == "noisyrollout" else []
+            t1 = time.perf_counter()
+            inputs = dict(encode_chats(processor, problems * (2 if noisy else 1), images + noisy,
+                                       params.model.system_prompt))
+            t2 = time.perf_counter()
+            with torch.no_grad():
+                features = model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
+                                                          return_dict=True)
+                inputs["mm_encoder_outputs"] = {"image": features}
+                t3 = time.perf_counter()
+                engine.prefill_shared(inputs, n // 2 if noisy else n)
+                t4 = time.perf_counter()
+            model.model.rope_deltas = None
+            if r:
+                for part, sec in (("distort", t1 - t0), ("processor", t2 - t1), ("vision", t3 - t2), ("prefill", t4 - t3)):
+                    times[arm].setdefault(part, []).append(sec)
+    return {arm: {part: statistics.median(v) for part, v in parts.items()} for arm, parts in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
@@ -136,8 +183,14 @@ def main() -> None:
                         help="run the default trainer instead: this many Ray learners with one thread each")
     parser.add_argument("--profile-dir", type=Path, default=None, help="torch-profile the last step into this folder")
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="params override")
+    parser.add_argument("--noisy-cost", action="store_true",
+                        help="time only what the distorted prompts add before decoding (P2's parts)")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.noisy_cost:
+        print(json.dumps(noisy_prompt_cost(args.model_dir, prompts_per_step=args.prompts_per_step,
+                                           n=args.n_clean + args.n_noisy, threads=args.threads)))
+        return
     if args.ray_learners:
         out = run_ours_ray(args.model_dir, steps=args.steps, warmup=args.warmup, prompts_per_step=args.prompts_per_step,
                            n_clean=args.n_clean, n_noisy=args.n_noisy, max_new_tokens=args.max_new_tokens,
