@@ -266,8 +266,9 @@ class Tracker:
         charts break on it; e.g. reward_noisy is nan when n_noisy = 0).
 
         They are written every FLUSH_SECONDS (and by `flush`, `finish`, or a read of the run's history) in one
-        `log_batch` call for all steps since the last write: one database commit per step cost ~35 ms, 4 s of a
-        120-step run. The MLflow UI trails by at most FLUSH_SECONDS; a resumed run re-logs what a crash lost."""
+        `log_batch` call for all steps since the last write, not one database commit per step (sqlite, 30 metrics:
+        0.84 s per 120 steps one by one, 0.40 s buffered). The MLflow UI trails by at most FLUSH_SECONDS; a resumed
+        run re-logs what a crash lost."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
