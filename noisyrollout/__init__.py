@@ -8,7 +8,6 @@ The public API is the algorithm core; everything heavy (models, engines, orchest
     score(response, ground_truth)                                               -> {"overall", "accuracy", "format"}
 """
 
-
 from __future__ import annotations
 
 import importlib

@@ -188,10 +188,8 @@ def sft(params: Params, log: Log = print) -> dict[str, Any]:
     base = params.model.base
     processor = load_processor(base, min_pixels=params.data.min_pixels, max_pixels=params.data.max_pixels)
     model = load_model(base, dtype=params.model.dtype)
-    from noisyrollout.data.loaders import load_examples
-
-    n_train = len(load_examples(prepared(params), split="train"))
-    examples = load_records(prepared(params), "train", params, limit=params.sft_examples(n_train))
+    examples = load_records(prepared(params), "train", params)
+    examples = examples[:params.sft_examples(len(examples))]   # the rest are RL's prompts (Learner.setup)
     with model_work("sft steps"):
         losses = run_sft(model, processor, examples, params)
     model.save_pretrained(out / "model")

@@ -36,7 +36,7 @@ def encode_chats(processor: Any, problems: Sequence[str], images: Sequence[Any],
 
     A noisy prompt is its clean twin's text with a distorted image of the same size: the same tokens (the image's
     token count depends only on its size), other pixels. The twins are tokenized once and only their images are
-    processed apart, which gives the plain call's tensors (tests/test_rollout.py compares them).
+    processed apart, which gives the plain call's tensors (tests/test_step.py compares them).
     """
     from transformers import BatchFeature
 
@@ -44,12 +44,16 @@ def encode_chats(processor: Any, problems: Sequence[str], images: Sequence[Any],
     for p in problems:
         if p not in texts:
             texts[p] = chat_text(processor, p, system_prompt)
+
+    def plain() -> Any:
+        return processor(text=[texts[p] for p in problems], images=list(images), padding=True, return_tensors="pt")
+
     keys = [(p, img.size) for p, img in zip(problems, images)]
     first: dict[tuple[str, tuple[int, int]], int] = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     if len(first) == len(keys):
-        return processor(text=[texts[p] for p in problems], images=list(images), padding=True, return_tensors="pt")
+        return plain()
     reps = list(first.values())
     others = [i for i in range(len(keys)) if first[keys[i]] != i]
     enc = processor(text=[texts[problems[i]] for i in reps], images=[images[i] for i in reps], padding=True,
@@ -57,10 +61,11 @@ def encode_chats(processor: Any, problems: Sequence[str], images: Sequence[Any],
     extra = processor.image_processor(images=[images[i] for i in others], return_tensors="pt")
     grid = {i: g for i, g in zip(reps, enc["image_grid_thw"])} | {i: g for i, g in zip(others, extra["image_grid_thw"])}
     if any(not torch.equal(grid[i], grid[first[keys[i]]]) for i in others):   # a size-dependent processor: no sharing
-        return processor(text=[texts[p] for p in problems], images=list(images), padding=True, return_tensors="pt")
+        return plain()
     pixels = dict(zip(reps, torch.split(enc["pixel_values"], enc["image_grid_thw"].prod(-1).tolist())))
     pixels |= dict(zip(others, torch.split(extra["pixel_values"], extra["image_grid_thw"].prod(-1).tolist())))
-    row = torch.tensor([reps.index(first[key]) for key in keys])
+    slot = {i: row for row, i in enumerate(reps)}                 # a representative's row in `enc`
+    row = torch.tensor([slot[first[key]] for key in keys])
     out = {k: v[row] for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw")}   # per-prompt rows
     out["pixel_values"] = torch.cat([pixels[i] for i in range(len(keys))])
     out["image_grid_thw"] = torch.stack([grid[i] for i in range(len(keys))])
