@@ -118,7 +118,7 @@ def prompt_shape(model_dir: Path, prompts_per_step: int) -> dict[str, float]:
     from noisyrollout.config import load_params
     from noisyrollout.data.loaders import load_records
     from noisyrollout.models.load import load_processor
-    from noisyrollout.train.scoring import encode_prompts
+    from noisyrollout.rollout.chat import encode_prompts
 
     params = load_params(ROOT / "params.yaml")
     records = load_records(str(ROOT / params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,

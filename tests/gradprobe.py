@@ -11,9 +11,10 @@ from typing import Any, Callable
 import torch
 
 from noisyrollout.config import Params
+from noisyrollout.rollout.chat import encode_prompts
 from noisyrollout.train.batching import shard_prompts
 from noisyrollout.train.launcher import RayLearner
-from noisyrollout.train.scoring import encode_prompts, pad_responses
+from noisyrollout.train.scoring import pad_responses
 from noisyrollout.train.step import Collective, Rollouts, batch_advantages, logprobs_no_grad, update_policy
 
 

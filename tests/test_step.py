@@ -8,12 +8,12 @@ import torch
 from noisyrollout.algo.augment import distort
 from noisyrollout.config import Params
 from noisyrollout.models.load import load_model, load_processor, vision_tower
-from noisyrollout.rollout.chat import chat_text
+from noisyrollout.rollout.chat import cache_image_features, chat_text, encode_prompts
 from noisyrollout.rollout.engine import Prompt, SamplingParams
 from noisyrollout.rollout.hf_engine import HFEngine
 from noisyrollout.data.loaders import load_records
 from noisyrollout.train.optim import TorchOptimizer
-from noisyrollout.train.scoring import build_sequences, encode_prompts, pad_responses, response_logprobs
+from noisyrollout.train.scoring import build_sequences, pad_responses, response_logprobs
 from noisyrollout.train.step import PromptBatch, noisyrollout_step
 
 
@@ -90,8 +90,6 @@ def test_generate_logprobs_match_recomputed_logprobs(tiny_model_dir, corpus_dir)
 
 
 def test_vision_feature_cache_gives_the_uncached_logprobs(tiny_model_dir, corpus_dir):
-    from noisyrollout.train.scoring import cache_image_features
-
     params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
     model.eval()
     gens = engine.generate([Prompt(img, q) for img, q in zip(batch.images, batch.problems)],
@@ -169,7 +167,7 @@ def test_clean_and_noisy_prompts_in_one_generate_call_give_the_two_call_samples(
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
     calls = []
     original = engine._generate_batch   # the batched generate call: count the prompts each one decodes together
-    engine._generate_batch = lambda prompts, sp: calls.append(len(prompts)) or original(prompts, sp)
+    engine._generate_batch = lambda prompts, sp, enc=None: calls.append(len(prompts)) or original(prompts, sp, enc)
     pad = processor.tokenizer.pad_token_id
     together = sample_rollouts(engine, batch, noisy, n_clean=2, n_noisy=2, sampling=greedy, pad_id=pad)
     assert calls == [6]
@@ -190,8 +188,6 @@ def test_prompts_computed_once_per_group_give_the_plain_logprobs_and_gradient(ti
     """Each prompt run once, its KV cache shared by its responses: the same log-probs, entropies and gradient as
     running every [prompt | response] sequence whole, for partial groups in any order and prompts of different
     lengths (left padding), with the vision tower's features cached or computed in the pass."""
-    from noisyrollout.train.scoring import cache_image_features
-
     params, processor, model, engine, batch, _ = _setup(tiny_model_dir, corpus_dir)
     pad = processor.tokenizer.pad_token_id
     prompts = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
@@ -242,6 +238,44 @@ def test_prompt_sharing_keeps_the_step_exact(tiny_model_dir, corpus_dir):
     assert plain.metrics.pg_loss == pytest.approx(shared.metrics.pg_loss, abs=1e-6)
     assert torch.allclose(plain_weights, shared_weights, atol=1e-5)   # two AdamW steps of ~1e-3 each
     assert (shared_weights - before).abs().max() > 1e-4                 # the step did move the weights
+
+
+@pytest.mark.parametrize("freeze_vision", [True, False])
+def test_a_step_that_encodes_its_prompts_once_makes_the_same_update(tiny_model_dir, corpus_dir, freeze_vision):
+    """The step encodes its clean and distorted prompts once (processor, frozen vision tower); the engine samples
+    from that encoding and the update reuses its clean half. An engine that encodes the prompts itself (as vLLM
+    does: accepts_encoded False) gives the same samples, old log-probs and weights."""
+    results = []
+    for reuse in (False, True):
+        params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir)
+        params = params.model_copy(update={"model": params.model.model_copy(update={"freeze_vision": freeze_vision}),
+                                           "train": params.train.model_copy(update={"mini_batches": 2})})
+        engine = HFEngine(model, processor, system_prompt=params.model.system_prompt, cache_vision=freeze_vision)
+        if not reuse:
+            engine.accepts_encoded = False
+        seen = []
+        original = engine._generate_batch
+        engine._generate_batch = lambda prompts, sampling, encoded=None: seen.append((prompts, encoded)) or original(
+            prompts, sampling, encoded)
+        torch.manual_seed(0)
+        result = noisyrollout_step(0, 10, batch, model=model, processor=processor, engine=engine, optimizer=optimizer,
+                                   params=params, generator=torch.Generator().manual_seed(0))
+        (prompts, encoded), = seen                     # one call: the clean and the distorted prompts
+        if reuse:   # each prompt's own encoding (its image's pixels), features only with a frozen tower
+            own = encode_prompts(processor, [p.image for p in prompts], [p.text for p in prompts],
+                                 params.model.system_prompt)
+            assert len(encoded) == 6 and (encoded.features is not None) == freeze_vision
+            assert all(torch.equal(a, b) for a, b in zip(encoded.input_ids, own.input_ids))
+            assert all(torch.equal(a, b) for a, b in zip(encoded.pixel_values, own.pixel_values))
+            assert not torch.equal(own.pixel_values[0], own.pixel_values[3])   # prompt 0, clean and distorted
+        else:
+            assert encoded is None
+        results.append((result, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (own, own_weights), (reused, reused_weights) = results
+    assert torch.equal(own.rollouts.response_ids, reused.rollouts.response_ids)
+    assert len({tuple(r) for r in reused.rollouts.response_ids.tolist()}) > 1
+    assert torch.allclose(own.old_logp, reused.old_logp, atol=1e-5)
+    assert torch.allclose(own_weights, reused_weights, atol=1e-5)
 
 
 @pytest.mark.parametrize("cache_vision", [True, False])

@@ -8,9 +8,12 @@ in and how many samples each prompt gets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    from noisyrollout.rollout.chat import EncodedPrompts
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ class Generation:
 class Engine(Protocol):
     """Anything that can sample responses for a batch of prompts."""
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
-        """Return one `Generation` per prompt, each with `params.n` responses."""
+    # True: `generate` samples from `encoded` when given (the trainer then encodes each step's prompts once and
+    # reuses the encoding in its log-prob passes); False: it encodes the prompts itself and ignores `encoded`.
+    accepts_encoded: bool
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
+                 encoded: "EncodedPrompts | None" = None) -> list[Generation]:
+        """Return one `Generation` per prompt, each with `params.n` responses. `encoded`: the same prompts, in
+        order, already through the processor (and the frozen vision tower)."""
         ...

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from noisyrollout.rollout.chat import encode_chats
+from noisyrollout.rollout.chat import EncodedPrompts, encode_chats, prompt_batch
 from noisyrollout.rollout.engine import Generation, Prompt, SamplingParams
 
 # Sampling one of these would break the next forward ("image features and image tokens do not match").
@@ -45,6 +45,8 @@ def neutral_generation_config(config: Any) -> Any:
 class HFEngine:
     """Engine protocol over a transformers image-text-to-text model and its processor."""
 
+    accepts_encoded = True
+
     def __init__(self, model: Any, processor: Any, *, system_prompt: str | None, batch_size: int = 64,
                  cache_vision: bool = False, share_prompts: bool = True) -> None:
         """`cache_vision` (for a frozen vision tower): encode each prompt's image once and hand the features to
@@ -73,22 +75,38 @@ class HFEngine:
         return cls(model, processor, system_prompt=system_prompt, batch_size=batch_size)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams,
+                 encoded: EncodedPrompts | None = None) -> list[Generation]:
+        """`encoded` (optional): the prompts already encoded (`rollout/chat.py:encode_prompts`), in order."""
+        if encoded is not None and len(encoded) != len(prompts):
+            raise ValueError(f"encoded holds {len(encoded)} prompts for {len(prompts)} prompts")
         if params.temperature <= 0 and params.n > 1:  # greedy: n identical answers, decode once
-            once = self.generate(prompts, SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens))
+            once = self.generate(prompts, SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens),
+                                 encoded)
             return [Generation(token_ids=g.token_ids * params.n, texts=g.texts * params.n) for g in once]
         out: list[Generation] = []
         per_call = max(1, self.batch_size // max(params.n, 1))
         for start in range(0, len(prompts), per_call):
-            out.extend(self._generate_batch(prompts[start:start + per_call], params))
+            chunk = range(start, min(start + per_call, len(prompts)))
+            out.extend(self._generate_batch(prompts[start:start + per_call], params,
+                                            None if encoded is None else encoded.select(chunk)))
         return out
 
-    def _generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
-        tok = self.processor.tokenizer
-        tok.padding_side = "left"
+    def _model_inputs(self, prompts: Sequence[Prompt], encoded: EncodedPrompts | None) -> dict[str, Any]:
+        """Left-padded inputs of `prompts`: from their encoding when given, else through the processor."""
+        if encoded is not None:
+            inputs = prompt_batch(encoded, range(len(encoded)), pad_id=self.pad_id,
+                                  image_token_id=self.model.config.image_token_id)
+            return {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        self.processor.tokenizer.padding_side = "left"
         inputs = encode_chats(self.processor, [p.text for p in prompts], [p.image for p in prompts], self.system_prompt)
-        inputs = dict(inputs.to(self.model.device))
-        if self.cache_vision:
+        return dict(inputs.to(self.model.device))
+
+    def _generate_batch(self, prompts: Sequence[Prompt], params: SamplingParams,
+                        encoded: EncodedPrompts | None = None) -> list[Generation]:
+        tok = self.processor.tokenizer
+        inputs = self._model_inputs(prompts, encoded)
+        if self.cache_vision and "pixel_values" in inputs:
             with torch.no_grad():
                 features = self.model.model.get_image_features(inputs.pop("pixel_values"), inputs["image_grid_thw"],
                                                                return_dict=True)

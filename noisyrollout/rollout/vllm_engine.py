@@ -197,7 +197,9 @@ class VLLMEngine:
     def from_pretrained(cls, path: str | Path, *, system_prompt: str | None, **kwargs: Any) -> "VLLMEngine":
         return cls(path, system_prompt=system_prompt, **kwargs)
 
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Generation]:
+    accepts_encoded = False   # vLLM runs its own processor and vision tower on the images
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams, encoded: Any = None) -> list[Generation]:
         if not prompts:
             return []
         requests = build_requests(self.processor, prompts, self.system_prompt)

@@ -7,45 +7,12 @@ kept: the caller passes the CLEAN prompts, whatever image a response was sampled
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from noisyrollout.rollout.chat import encode_chats
-
-
-@dataclass
-class EncodedPrompts:
-    """Processor output for a list of prompts, kept per prompt so responses can pick their prompt."""
-
-    input_ids: list[torch.Tensor]       # one unpadded 1-D tensor per prompt
-    pixel_values: list[torch.Tensor]    # one (patches, dim) tensor per prompt
-    image_grid_thw: torch.Tensor        # (n_prompts, 3)
-    features: list[torch.Tensor] | None = None   # cached vision-tower output per prompt (frozen tower only)
-
-
-def cache_image_features(model: Any, prompts: EncodedPrompts) -> EncodedPrompts:
-    """Run the (frozen) vision tower once per distinct image; every response of the prompt, and every pass
-    of the step (old log-probs, each update), then reuses the features instead of re-encoding the image."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.model.get_image_features(torch.cat(prompts.pixel_values).to(device),
-                                             prompts.image_grid_thw.to(device), return_dict=True)
-    prompts.features = [f.detach() for f in out.pooler_output]
-    return prompts
-
-
-def encode_prompts(processor: Any, images: Sequence[Image.Image], problems: Sequence[str],
-                   system_prompt: str | None) -> EncodedPrompts:
-    processor.tokenizer.padding_side = "left"
-    enc = encode_chats(processor, problems, images, system_prompt)
-    ids = [row[mask.bool()] for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    grid = enc["image_grid_thw"]
-    pixels = list(torch.split(enc["pixel_values"], grid.prod(-1).tolist()))
-    return EncodedPrompts(input_ids=ids, pixel_values=pixels, image_grid_thw=grid)
+from noisyrollout.rollout.chat import EncodedPrompts, prompt_batch
 
 
 def pad_responses(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,28 +24,6 @@ def pad_responses(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, :len(r)] = True
     return ids, mask
-
-
-def prompt_batch(prompts: EncodedPrompts, prompt_index: Sequence[int], *, pad_id: int,
-                 image_token_id: int) -> dict[str, Any]:
-    """Model inputs for the prompts `prompt_index`, left-padded to one width (no responses)."""
-    width = max(len(prompts.input_ids[p]) for p in prompt_index)
-    ids = torch.full((len(prompt_index), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_index), width), dtype=torch.long)
-    for row, p in enumerate(prompt_index):
-        seq = prompts.input_ids[p]
-        ids[row, width - len(seq):] = seq
-        mask[row, width - len(seq):] = 1
-    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == image_token_id).int(),
-                              "image_grid_thw": prompts.image_grid_thw[list(prompt_index)]}
-    if prompts.features is not None:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        inputs["mm_encoder_outputs"] = {
-            "image": BaseModelOutputWithPooling(pooler_output=[prompts.features[p] for p in prompt_index])}
-    else:
-        inputs["pixel_values"] = torch.cat([prompts.pixel_values[p] for p in prompt_index])
-    return inputs
 
 
 def build_sequences(prompts: EncodedPrompts, prompt_index: Sequence[int], response_ids: torch.Tensor,

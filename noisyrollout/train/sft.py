@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from noisyrollout.algo.augment import distort
 from noisyrollout.config import Params
 from noisyrollout.train.optim import TorchOptimizer
-from noisyrollout.train.scoring import encode_prompts, pad_responses, response_logprobs
+from noisyrollout.rollout.chat import encode_prompts
+from noisyrollout.train.scoring import pad_responses, response_logprobs
 
 
 def target_text(example: dict) -> str:

@@ -34,8 +34,8 @@ from noisyrollout.config import Params
 from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
 from noisyrollout.train.batching import shard_prompts
 from noisyrollout.train.metrics import RolloutScores, StepMetrics, reward_metrics
-from noisyrollout.train.scoring import (EncodedPrompts, cache_image_features, encode_prompts, pad_responses,
-                                        response_logprobs)
+from noisyrollout.rollout.chat import EncodedPrompts, cache_image_features, encode_prompts
+from noisyrollout.train.scoring import pad_responses, response_logprobs
 
 
 class Collective:
@@ -85,11 +85,13 @@ class Rollouts:
 
 
 def sample_rollouts(engine: Engine, batch: PromptBatch, noisy_images: Sequence[Image.Image] | None, *,
-                    n_clean: int, n_noisy: int, sampling: SamplingParams, pad_id: int) -> Rollouts:
+                    n_clean: int, n_noisy: int, sampling: SamplingParams, pad_id: int,
+                    encoded: EncodedPrompts | None = None) -> Rollouts:
     """n_clean responses per clean image, n_noisy per distorted image, grouped by prompt.
 
     With n_clean == n_noisy the clean and distorted prompts go to the engine in ONE call, so they share the
-    decoding steps; otherwise one call per kind.
+    decoding steps; otherwise one call per kind. `encoded`: the clean prompts then the distorted ones, already
+    encoded, for an engine that accepts it.
     """
     per_prompt: list[list[tuple[list[int], str, bool]]] = [[] for _ in batch.images]
     kinds = [(images, n, noisy) for images, n, noisy in ((batch.images, n_clean, False), (noisy_images, n_noisy, True))
@@ -100,7 +102,9 @@ def sample_rollouts(engine: Engine, batch: PromptBatch, noisy_images: Sequence[I
         params = SamplingParams(n=call[0][1], temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_new_tokens=sampling.max_new_tokens)
         flags = [noisy for images, _, noisy in call for _ in images]
-        for i, gen in enumerate(engine.generate(prompts, params)):
+        # row of each prompt in `encoded`: clean prompts first, then the distorted ones
+        rows = [p + (len(batch.images) if noisy else 0) for _, _, noisy in call for p in range(len(batch.images))]
+        for i, gen in enumerate(engine.generate(prompts, params, None if encoded is None else encoded.select(rows))):
             per_prompt[i % len(batch.images)] += [(ids, text, flags[i]) for ids, text in zip(gen.token_ids, gen.texts)]
     rows = [(p, *r) for p, responses in enumerate(per_prompt) for r in responses]
     response_ids, response_mask = pad_responses([ids for _, ids, _, _ in rows], pad_id)
@@ -142,23 +146,25 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     if roll.n_noisy > 0:
         noisy_images = [distort(img, noise.distortion, noise.alpha0, decay, generator) for img in batch.images]
 
-    # 2. Rollouts with the current policy: n_clean on clean images, n_noisy on distorted ones.
+    # 2. Encode the prompts once: the processor, and the vision tower when it is frozen. The clean prompts (the
+    #    first len(batch) rows) serve the log-prob passes; the engine samples from all of them, if it can.
+    encoded = encode_step_prompts(batch, noisy_images, engine, model, processor, params)
+    clean_prompts = encoded.select(range(len(batch.images)))
+
+    # 3. Rollouts with the current policy: n_clean on clean images, n_noisy on distorted ones.
     sampling = SamplingParams(temperature=roll.temperature, top_p=roll.top_p, max_new_tokens=roll.max_new_tokens)
     rollouts = sample_rollouts(engine, batch, noisy_images, n_clean=roll.n_clean, n_noisy=roll.n_noisy,
-                               sampling=sampling, pad_id=pad_id)
+                               sampling=sampling, pad_id=pad_id, encoded=encoded if engine.accepts_encoded else None)
     t_gen = time.perf_counter()
 
-    # 3. Rewards, and 4. advantages over the mixed group of each prompt.
+    # 4. Rewards, and 5. advantages over the mixed group of each prompt.
     answers = [batch.answers[p] for p in rollouts.prompt_index.tolist()]
     scores = score_batch(rollouts.texts, answers, format_weight=cfg.format_weight, accuracy_only=cfg.accuracy_only)
     rewards = torch.tensor([s["overall"] for s in scores])
     advantages = batch_advantages(rewards, rollouts.prompt_index, cfg.estimator, collective)
     t_reward = time.perf_counter()
 
-    # 5. Old (and reference) log-probs of EVERY response, conditioned on the CLEAN image.
-    clean_prompts = encode_prompts(processor, batch.images, batch.problems, params.model.system_prompt)
-    if params.model.freeze_vision:
-        clean_prompts = cache_image_features(model, clean_prompts)   # encode each clean image once per step
+    # 6. Old (and reference) log-probs of EVERY response, conditioned on the CLEAN image.
     # With one mini-batch the update's forward runs on the very weights that sampled, so the old log-probs ARE
     # its log-probs (ratio exactly 1): the update takes logp.detach() and this pass is skipped.
     every_row = torch.arange(len(rollouts.texts))
@@ -170,7 +176,7 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
         ref_logp = logprobs_no_grad(ref_model, clean_prompts, rollouts, every_row, params, pad_id, share_prompts)
     t_logp = time.perf_counter()
 
-    # 6. PPO-clip update(s) on the clean image, one optimizer step per whole-prompt mini-batch.
+    # 7. PPO-clip update(s) on the clean image, one optimizer step per whole-prompt mini-batch.
     stats, old_logp = update_policy(model, optimizer, clean_prompts, rollouts, old_logp, ref_logp, advantages, params,
                                     pad_id, mini_batch_sizes, collective, share_prompts)
     t_update = time.perf_counter()
@@ -184,6 +190,20 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
         time_update=t_update - t_logp, time_step=t_update - t0,
     )
     return StepResult(metrics=metrics, scores=outcome, rollouts=rollouts, old_logp=old_logp)
+
+
+def encode_step_prompts(batch: PromptBatch, noisy_images: Sequence[Image.Image] | None, engine: Engine, model: Any,
+                        processor: Any, params: Params) -> EncodedPrompts:
+    """The step's prompts through the processor (and the frozen vision tower): the clean ones, then, for an engine
+    that samples from an encoding, the distorted ones (a twin's text is tokenized once, `encode_chats`)."""
+    images = list(batch.images)
+    if noisy_images and engine.accepts_encoded:
+        images += list(noisy_images)
+    problems = list(batch.problems) * (len(images) // len(batch.images))
+    encoded = encode_prompts(processor, images, problems, params.model.system_prompt)
+    if params.model.freeze_vision:
+        encoded = cache_image_features(model, encoded)   # each image through the tower once per step
+    return encoded
 
 
 def logprobs_no_grad(model: Any, prompts: EncodedPrompts, rollouts: Rollouts, rows: torch.Tensor, params: Params,
