@@ -291,7 +291,7 @@ def test_prompt_run_once_per_group_in_generation_samples_the_same_tokens(tiny_mo
                           share_prompts=share)
         calls = []
         original = engine.prefill_shared
-        engine.prefill_shared = lambda inputs, n: calls.append(n) or original(inputs, n)
+        engine.prefill_shared = lambda inputs, n, room=0: calls.append(n) or original(inputs, n, room=room)
         torch.manual_seed(0)
         outs.append([g.token_ids for g in engine.generate(prompts, sampling)])
         assert calls == ([4] if share else [])

@@ -123,7 +123,7 @@ class HFEngine:
         try:
             n = params.n
             if self.share_prompts and n > 1:
-                inputs, n = self.prefill_shared(inputs, n), 1
+                inputs, n = self.prefill_shared(inputs, n, room=params.max_new_tokens), 1
             sequences = self.model.generate(
                 **inputs, do_sample=not greedy, num_return_sequences=n, max_new_tokens=params.max_new_tokens,
                 suppress_tokens=self.suppress_ids or None, pad_token_id=self.pad_id,
@@ -140,15 +140,18 @@ class HFEngine:
                 for i in range(len(prompts))]
 
     @torch.no_grad()
-    def prefill_shared(self, inputs: dict[str, Any], n: int) -> dict[str, Any]:
+    def prefill_shared(self, inputs: dict[str, Any], n: int, room: int = 0) -> dict[str, Any]:
         """Run each (left-padded) prompt once, all but its last token, the batch's common prefix once
         (`models/prefix.py`), and return `generate` inputs for its n samples that continue from that KV cache: the
-        same tokens as `num_return_sequences=n`, with the prompts computed once instead of n times.
+        same tokens as `num_return_sequences=n`, with the prompts computed once instead of n times. With `room`
+        the cache's layers grow in place by up to that many tokens instead of being copied at each step
+        (`models/kv_cache.py`).
 
         This is transformers' documented continuation from a cache: `generate` gets the full prompt ids and mask,
         runs only the uncached last token, and, for Qwen2.5-VL, takes the M-RoPE offsets of text after the image
         from `model.model.rope_deltas`, which we set as its own prefill would.
         """
+        from noisyrollout.models.kv_cache import make_room
         from noisyrollout.models.prefix import prompt_cache
 
         vision = {k: inputs[k] for k in ("pixel_values", "mm_encoder_outputs") if k in inputs}
@@ -156,6 +159,8 @@ class HFEngine:
                             drop_last=True)
         cache = head.cache
         cache.batch_repeat_interleave(n)
+        if room:
+            make_room(cache, room)
         self.model.model.rope_deltas = head.rope_deltas.repeat_interleave(n, dim=0)
         return {"input_ids": head.input_ids.repeat_interleave(n, dim=0),
                 "attention_mask": head.attention_mask.repeat_interleave(n, dim=0), "cache": cache}
