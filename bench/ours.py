@@ -35,6 +35,7 @@ def summary(rows: list[dict[str, float]], tokens: list[float], n: int, *, step_k
         "median_step_s": step,
         "phases_s": {k.removeprefix("time_"): v for k, v in median.items() if k not in ("time_step", "wall")},
         "step_times": [r[step_key] for r in rows],
+        "step_tokens": tokens,
         "rollouts_per_s": n / step,
         "tokens_per_s": statistics.median(t / r[step_key] for t, r in zip(tokens, rows)),
         "mean_completion_tokens": sum(tokens) / len(tokens) / n,
@@ -75,34 +76,35 @@ def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_st
              n_noisy: int = 4, max_new_tokens: int = 24, threads: int = 2, seed: int = 0, plain: bool = False,
              params_file: str = "params.yaml", overrides: list[str] | None = None,
              profile_dir: Path | None = None) -> dict[str, Any]:
-    """Median step time and phase times of `steps` NoisyRollout steps after `warmup` untimed ones."""
+    """Median step time and phase times of `steps` NoisyRollout steps after `warmup` untimed ones. `profile_dir`:
+    torch-profile one more step, untimed, after the timed ones."""
     from noisyrollout.train.learner import Learner
 
     torch.set_num_threads(threads)
     params = load_params(params_file, [
         f"seed={seed}", f"threads={threads}", "cluster.trainer=local", f"train.prompts_per_step={prompts_per_step}",
-        f"train.steps={warmup + steps}", f"rollout.n_clean={n_clean}", f"rollout.n_noisy={n_noisy}",
-        f"rollout.max_new_tokens={max_new_tokens}", *(overrides or [])])
+        f"train.steps={warmup + steps + (profile_dir is not None)}", f"rollout.n_clean={n_clean}",
+        f"rollout.n_noisy={n_noisy}", f"rollout.max_new_tokens={max_new_tokens}", *(overrides or [])])
     learner = Learner(0, 1, params.model_dump(mode="json"), str(model_dir), distributed=False)
     learner.setup()
     total = warmup + steps
     rows: list[dict[str, float]] = []
     tokens: list[float] = []
     profiler = None
-    for step in range(total):
+    for step in range(total + (profile_dir is not None)):
         # the first total * prompts_per_step train records, in order: the same prompts the TRL side is given
         chosen = learner.records[step * prompts_per_step:(step + 1) * prompts_per_step]
         batch = PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
                             answers=[r["answer"] for r in chosen])
-        if profile_dir is not None and step == total - 1:
+        if step == total:   # the extra, profiled step (the profiler slows it down: never timed)
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
             profiler.__enter__()
-        result = noisyrollout_step(step, total, batch, model=learner.model, processor=learner.processor,
+        result = noisyrollout_step(step, params.train.steps, batch, model=learner.model, processor=learner.processor,
                                    engine=learner.rollout_engine, optimizer=learner.optimizer, params=learner.params,
                                    generator=learner.generator, recompute_old_logp=plain, share_prompts=not plain)
         if profiler is not None:
             profiler.__exit__(None, None, None)
-        if step >= warmup:
+        elif step >= warmup:
             rows.append({k: getattr(result.metrics, k) for k in PHASES})
             tokens.append(float(result.rollouts.response_mask.sum()))
     out: dict[str, Any] = {

@@ -34,6 +34,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "runs/embedded/sft/model"
 THREADS = 2
+P1_REPS = 2          # runs each of the default trainer and of TRL, alternating
+SIDES = {"ray": "ours, the default trainer (2 Ray learners x 1 thread)",
+         "ours": "ours, one process (cluster.trainer=local, 2 threads)",
+         "plain": "ours, plain path (shortcuts off)", "trl": "TRL GRPOTrainer (8 generations)"}
 
 
 def log(msg: str) -> None:
@@ -197,27 +201,39 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if not (TINY / "config.json").exists():
         raise SystemExit(f"{TINY}: no SFT model; run `make run` first")
     model_30m = build_bench_model(ROOT / "runs/bench/30m", "30m", base_dir=TINY)
-    sizes = {"tiny": (TINY, 1 if args.quick else 5), "30m": (model_30m, 2 if args.quick else 3)}
+    # timed steps per run (each after one warm-up step): default trainer and TRL (per run, `P1_REPS` runs each),
+    # ours in one process, ours with the shortcuts off
+    steps = {"tiny": (4, 5, 4), "30m": (2, 3, 1)} if not args.quick else {"tiny": (1, 1, 1), "30m": (1, 1, 1)}
+    reps = 1 if args.quick else P1_REPS
+    sizes = {"tiny": TINY, "30m": model_30m}
     common = ["--prompts-per-step", "16", "--max-new-tokens", "24", "--threads", str(THREADS)]
 
-    results["p1"] = {}
-    for size, (model_dir, steps) in sizes.items():
-        row: dict[str, Any] = {}
-        log(f"P1 {size}: ours, the default trainer (2 Ray learners x 1 thread)")
-        row["ray"] = run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(steps), "--ray-learners",
-                               "2", "--n-clean", "4", "--n-noisy", "4", *common], threads=1)
-        log(f"P1 {size}: ours, one process (cluster.trainer=local, 2 threads)")
-        row["ours"] = run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(steps),
-                                "--n-clean", "4", "--n-noisy", "4", *common,
-                                "--profile-dir", str(ROOT / "runs/bench/profile" / size)])
-        log(f"P1 {size}: ours, plain path (shortcuts off)")
-        row["plain"] = run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(steps), "--plain",
-                                 "--n-clean", "4", "--n-noisy", "4", *common])
-        if not args.skip_trl:
-            log(f"P1 {size}: TRL GRPOTrainer (8 generations)")
-            row["trl"] = run_json(["bench.trl_grpo", "--model-dir", str(model_dir), "--steps", str(steps),
-                                   "--num-generations", "8", *common])
-        results["p1"][size] = row
+    def side(name: str, size: str) -> dict[str, Any]:
+        model_dir, (n_paired, n_ours, n_plain) = sizes[size], steps[size]
+        log(f"P1 {size}: {SIDES[name]}")
+        if name == "ray":
+            return run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(n_paired), "--ray-learners",
+                             "2", "--n-clean", "4", "--n-noisy", "4", *common], threads=1)
+        if name == "trl":
+            return run_json(["bench.trl_grpo", "--model-dir", str(model_dir), "--steps", str(n_paired),
+                             "--num-generations", "8", *common])
+        if name == "ours":
+            return run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(n_ours), "--n-clean", "4",
+                             "--n-noisy", "4", *common, "--profile-dir", str(ROOT / "runs/bench/profile" / size)])
+        return run_json(["bench.ours", "--model-dir", str(model_dir), "--steps", str(n_plain), "--plain",
+                         "--n-clean", "4", "--n-noisy", "4", *common])
+
+    results["p1"], results["p1_steps"] = {}, steps
+    for size in sizes:
+        # The default trainer and TRL alternate A B B A (...): a slow spell of the machine weighs on both sides.
+        # Ours in one process and the plain path run once, between them.
+        pair = ["ray"] + ([] if args.skip_trl else ["trl"])
+        order = [name for rep in range(reps) for name in (pair if rep % 2 == 0 else pair[::-1])]
+        order[len(pair):len(pair)] = ["ours", "plain"]
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for name in order:
+            runs.setdefault(name, []).append(side(name, size))
+        results["p1"][size] = {name: pooled(parts, 16 * 8) for name, parts in runs.items()}
 
     log("P2: 6 clean + 6 noisy vs 12 clean (alternating runs)")
     steps, reps = (2, 1) if args.quick else (6, 3)
@@ -259,6 +275,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def pooled(runs: list[dict[str, Any]], rollouts_per_step: int) -> dict[str, Any]:
+    """One side's repeated runs as one: medians over every timed step of every run (phases: the median of the
+    runs' phase medians), the largest peak RSS; `run_medians` keeps each run's own median step."""
+    if len(runs) == 1:
+        return {**runs[0], "run_medians": [runs[0]["median_step_s"]]}
+    times = [t for r in runs for t in r["step_times"]]
+    tokens = [t for r in runs for t in r["step_tokens"]]
+    median = statistics.median(times)
+    out = {**runs[-1], "step_times": times, "step_tokens": tokens, "median_step_s": median,
+           "rollouts_per_s": rollouts_per_step / median,
+           "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times, strict=True)),
+           "mean_completion_tokens": sum(tokens) / (len(tokens) * rollouts_per_step),
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "run_medians": [r["median_step_s"] for r in runs]}
+    if "phases_s" in runs[0]:
+        out["phases_s"] = {k: statistics.median(r["phases_s"][k] for r in runs) for k in runs[0]["phases_s"]}
+    return out
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
@@ -276,6 +310,11 @@ def render(r: dict[str, Any], command: str, elapsed: float) -> str:
         "max 24 new tokens, temperature 1.0, the embedded system prompt, float32, one optimizer step per rollout "
         "batch, no KL (beta 0), no gradient checkpointing. Times are medians over the timed steps after one "
         "untimed warm-up step.", "",
+        f"In P1 the default trainer and TRL run {P1_REPS} times each, alternating (ours, TRL, TRL, ours, ...), so a "
+        "slow spell of the machine weighs on both sides; their rows pool every timed step of those runs. Ours in one "
+        "process and the plain path run once each, between them. Timed steps per run: "
+        + "; ".join(f"{size}: {a} (default trainer, TRL), {b} (one process), {c} (plain)"
+                    for size, (a, b, c) in r.get("p1_steps", {}).items()) + ".", "",
         "## P1: ours vs TRL GRPOTrainer", "",
         "| model | params | side | median step (s) | rollouts/s | tokens/s | completion tokens | peak RSS (MB) |",
         "|---|---|---|---|---|---|---|---|",
@@ -294,10 +333,12 @@ def render(r: dict[str, Any], command: str, elapsed: float) -> str:
     for size, row in r["p1"].items():
         if "trl" in row:
             trl = row["trl"]
+            each = ", ".join(_ratio(t, o) for o, t in zip(row["ray"]["run_medians"], trl["run_medians"]))
             lines.append(f"- **{size}: ours / TRL = {_ratio(row['ray']['rollouts_per_s'], trl['rollouts_per_s'])} "
                          f"rollouts/s with the default trainer, {_ratio(row['ours']['rollouts_per_s'], trl['rollouts_per_s'])}"
                          f" in one process** (tokens/s: {_ratio(row['ray']['tokens_per_s'], trl['tokens_per_s'])}, "
-                         f"{_ratio(row['ours']['tokens_per_s'], trl['tokens_per_s'])}).")
+                         f"{_ratio(row['ours']['tokens_per_s'], trl['tokens_per_s'])}). Each pair of runs alone, "
+                         f"default trainer: {each}.")
     lines += ["", "Ours runs NoisyRollout (4 clean + 4 noisy responses per prompt, crop_fill distortion); TRL runs 8 "
               "clean ones (it has no noisy rollouts), with `loss_type=\"dapo\"` (the batch token-mean, as ours), "
               "`beta=0`, `scale_rewards=\"group\"`, gradient checkpointing off, the same AdamW settings, "

@@ -180,6 +180,7 @@ def run_trl(model_dir: Path, examples: list[dict], *, steps: int, prompts_per_st
     completions = prompts_per_step * num_generations
     return {
         "step_times": times,
+        "step_tokens": tokens,
         "median_step_s": median,
         "rollouts_per_s": completions / median,
         "tokens_per_s": statistics.median(t / s for t, s in zip(tokens, times, strict=True)),
