@@ -123,6 +123,40 @@ def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_st
     return out
 
 
+def run_arms(model_dir: Path, arms: dict[str, tuple[int, int]], *, steps: int = 10, warmup: int = 1,
+             prompts_per_step: int = 16, max_new_tokens: int = 24, threads: int = 2,
+             params_file: str = "params.yaml") -> dict[str, Any]:
+    """P2: arms {name: (n_clean, n_noisy)} timed step by step in ONE process, on one learner: each step's prompt
+    batch goes through every arm, in alternating order (A B, then B A), each after the same seed. A slow spell of
+    the machine, or the process's own state, then weighs on every arm alike, which separate runs could not give."""
+    from noisyrollout.train.learner import Learner
+
+    torch.set_num_threads(threads)
+    common = [f"threads={threads}", "cluster.trainer=local", f"train.prompts_per_step={prompts_per_step}",
+              f"train.steps={warmup + steps}", f"rollout.max_new_tokens={max_new_tokens}"]
+    params = {name: load_params(params_file, [*common, f"rollout.n_clean={nc}", f"rollout.n_noisy={nn}"])
+              for name, (nc, nn) in arms.items()}
+    first = next(iter(params.values()))
+    learner = Learner(0, 1, first.model_dump(mode="json"), str(model_dir), distributed=False)
+    learner.setup()
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
+    tokens: dict[str, list[float]] = {name: [] for name in arms}
+    for step in range(warmup + steps):
+        chosen = learner.records[step * prompts_per_step:(step + 1) * prompts_per_step]
+        batch = PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
+                            answers=[r["answer"] for r in chosen])
+        for name in (list(arms) if step % 2 == 0 else list(arms)[::-1]):
+            torch.manual_seed(step)
+            result = noisyrollout_step(step, warmup + steps, batch, model=learner.model, processor=learner.processor,
+                                       engine=learner.rollout_engine, optimizer=learner.optimizer,
+                                       params=params[name], generator=learner.generator)
+            if step >= warmup:
+                rows[name].append({k: getattr(result.metrics, k) for k in PHASES})
+                tokens[name].append(float(result.rollouts.response_mask.sum()))
+    return {name: summary(rows[name], tokens[name], prompts_per_step * sum(arms[name]), step_key="time_step")
+            for name in arms}
+
+
 def noisy_prompt_cost(model_dir: Path, *, prompts_per_step: int = 16, n: int = 12, repeats: int = 15,
                       threads: int = 2, params_file: str = "params.yaml") -> dict[str, Any]:
     """P2's parts: what a step's distorted prompts add before decoding, timed apart (medians over `repeats` batches).
@@ -187,8 +221,16 @@ def main() -> None:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[], help="params override")
     parser.add_argument("--noisy-cost", action="store_true",
                         help="time only what the distorted prompts add before decoding (P2's parts)")
+    parser.add_argument("--p2", action="store_true",
+                        help="P2: n_clean+n_noisy against (n_clean+n_noisy)+0, alternating step by step in one process")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.p2:
+        n = args.n_clean + args.n_noisy
+        print(json.dumps(run_arms(args.model_dir, {"noisyrollout": (args.n_clean, args.n_noisy), "grpo": (n, 0)},
+                                  steps=args.steps, warmup=args.warmup, prompts_per_step=args.prompts_per_step,
+                                  max_new_tokens=args.max_new_tokens, threads=args.threads)))
+        return
     if args.noisy_cost:
         print(json.dumps(noisy_prompt_cost(args.model_dir, prompts_per_step=args.prompts_per_step,
                                            n=args.n_clean + args.n_noisy, threads=args.threads)))
