@@ -254,6 +254,19 @@ def test_integer_fast_path_agrees_with_math_verify(prediction, ground_truth):
     assert grade_answer(prediction, ground_truth) == _math_verify_equal(ground_truth, prediction, 3)
 
 
+def test_a_letter_against_an_integer_skips_math_verify_with_its_verdict():
+    """A one-letter prediction (a choice letter where a number is asked) is False without math-verify: the
+    verdict math-verify gives for every letter against integers, e and i included."""
+    import string
+
+    from noisyrollout.algo.reward import _math_verify_equal
+
+    for gold in ("-1", "0", "1", "2", "3", "10"):
+        for letter in string.ascii_letters:
+            assert grade_answer(letter, gold) is False
+            assert _math_verify_equal(gold, letter, 3) is False
+
+
 def test_a_ground_truth_is_parsed_once_per_group():
     """The n responses of a group share one parse of their ground truth, and get the uncached verdicts."""
     from math_verify import parse, verify

@@ -30,6 +30,7 @@ _PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")
 _CHOICE = re.compile(r"[A-H]")
 _WORD = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")  # "yes", "red", "dark blue": compared as text
 _INTEGER = re.compile(r"[+-]?\d{1,18}")  # plain integers: compared as numbers, without math-verify
+_LETTER = re.compile(r"[A-Za-z]")
 
 _log = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ def grade_answer(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> b
         return True
     if _INTEGER.fullmatch(gold) and _INTEGER.fullmatch(pred):   # math-verify's verdict on two integers, ~1000x faster
         return int(gold) == int(pred)
+    if _INTEGER.fullmatch(gold) and _LETTER.fullmatch(pred):
+        return False   # one letter is a symbol (or e, i) to math-verify, never an integer
     timeout_s = max(1, int(timeout_s))  # math-verify disables its timeout for 0
     if threading.current_thread() is threading.main_thread():
         return _math_verify_equal(gold, pred, timeout_s)
