@@ -203,7 +203,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     model_30m = build_bench_model(ROOT / "runs/bench/30m", "30m", base_dir=TINY)
     # timed steps per run (each after one warm-up step): default trainer and TRL (per run, `P1_REPS` runs each),
     # ours in one process, ours with the shortcuts off
-    steps = {"tiny": (4, 5, 4), "30m": (2, 3, 1)} if not args.quick else {"tiny": (1, 1, 1), "30m": (1, 1, 1)}
+    steps = {"tiny": (4, 5, 4), "30m": (2, 2, 1)} if not args.quick else {"tiny": (1, 1, 1), "30m": (1, 1, 1)}
     reps = 1 if args.quick else P1_REPS
     sizes = {"tiny": TINY, "30m": model_30m}
     common = ["--prompts-per-step", "16", "--max-new-tokens", "24", "--threads", str(THREADS)]
@@ -236,7 +236,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["p1"][size] = {name: pooled(parts, 16 * 8) for name, parts in runs.items()}
 
     results["p2"] = {}
-    for size, n_steps in ({"tiny": 1, "30m": 1} if args.quick else {"tiny": 12, "30m": 3}).items():
+    for size, n_steps in ({"tiny": 1, "30m": 1} if args.quick else {"tiny": 12, "30m": 2}).items():
         log(f"P2 {size}: 6 clean + 6 noisy vs 12 clean, alternating step by step in one process")
         arms = run_json(["bench.ours", "--model-dir", str(sizes[size]), "--p2", "--steps", str(n_steps),
                          "--n-clean", "6", "--n-noisy", "6", *common])
