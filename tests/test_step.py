@@ -240,14 +240,15 @@ def test_prompt_sharing_keeps_the_step_exact(tiny_model_dir, corpus_dir):
     assert (shared_weights - before).abs().max() > 1e-4                 # the step did move the weights
 
 
-@pytest.mark.parametrize("freeze_vision", [True, False])
-def test_a_step_that_encodes_its_prompts_once_makes_the_same_update(tiny_model_dir, corpus_dir, freeze_vision):
+@pytest.mark.parametrize("freeze_vision,n", [(True, 2), (False, 2), (True, 1)])
+def test_a_step_that_encodes_its_prompts_once_makes_the_same_update(tiny_model_dir, corpus_dir, freeze_vision, n):
     """The step encodes its clean and distorted prompts once (processor, frozen vision tower); the engine samples
     from that encoding and the update reuses its clean half. An engine that encodes the prompts itself (as vLLM
-    does: accepts_encoded False) gives the same samples, old log-probs and weights."""
+    does: accepts_encoded False) gives the same samples, old log-probs and weights. n = 1 takes generate's own
+    prefill instead of the shared one."""
     results = []
     for reuse in (False, True):
-        params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir)
+        params, processor, model, engine, batch, optimizer = _setup(tiny_model_dir, corpus_dir, n_clean=n, n_noisy=n)
         params = params.model_copy(update={"model": params.model.model_copy(update={"freeze_vision": freeze_vision}),
                                            "train": params.train.model_copy(update={"mini_batches": 2})})
         engine = HFEngine(model, processor, system_prompt=params.model.system_prompt, cache_vision=freeze_vision)
