@@ -42,6 +42,14 @@ def summary(rows: list[dict[str, float]], tokens: list[float], n: int, *, step_k
     }
 
 
+def step_batch(records: list[dict[str, Any]], step: int, prompts_per_step: int) -> PromptBatch:
+    """Step `step`'s prompts: the train records in order, `prompts_per_step` at a time (the TRL side is given the
+    same ones)."""
+    chosen = records[step * prompts_per_step:(step + 1) * prompts_per_step]
+    return PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
+                       answers=[r["answer"] for r in chosen])
+
+
 def run_ours_ray(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_step: int = 16, n_clean: int = 4,
                  n_noisy: int = 4, max_new_tokens: int = 24, learners: int = 2, seed: int = 0,
                  params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
@@ -92,10 +100,7 @@ def run_ours(model_dir: Path, *, steps: int = 5, warmup: int = 1, prompts_per_st
     tokens: list[float] = []
     profiler = None
     for step in range(total + (profile_dir is not None)):
-        # the first total * prompts_per_step train records, in order: the same prompts the TRL side is given
-        chosen = learner.records[step * prompts_per_step:(step + 1) * prompts_per_step]
-        batch = PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
-                            answers=[r["answer"] for r in chosen])
+        batch = step_batch(learner.records, step, prompts_per_step)
         if step == total:   # the extra, profiled step (the profiler slows it down: never timed)
             profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
             profiler.__enter__()
@@ -142,9 +147,7 @@ def run_arms(model_dir: Path, arms: dict[str, tuple[int, int]], *, steps: int = 
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
     tokens: dict[str, list[float]] = {name: [] for name in arms}
     for step in range(warmup + steps):
-        chosen = learner.records[step * prompts_per_step:(step + 1) * prompts_per_step]
-        batch = PromptBatch(images=[r["image"] for r in chosen], problems=[r["problem"] for r in chosen],
-                            answers=[r["answer"] for r in chosen])
+        batch = step_batch(learner.records, step, prompts_per_step)
         for name in (list(arms) if step % 2 == 0 else list(arms)[::-1]):
             torch.manual_seed(step)
             result = noisyrollout_step(step, warmup + steps, batch, model=learner.model, processor=learner.processor,

@@ -142,3 +142,8 @@ def prompt_batch(prompts: EncodedPrompts, prompt_index: Sequence[int], *, pad_id
     else:
         inputs["pixel_values"] = torch.cat([prompts.pixel_values[p] for p in prompt_index])
     return inputs
+
+
+def to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
+    """`inputs` with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from noisyrollout.rollout.chat import EncodedPrompts, encode_chats, prompt_batch
+from noisyrollout.rollout.chat import EncodedPrompts, encode_chats, prompt_batch, to_device
 from noisyrollout.rollout.engine import Generation, Prompt, SamplingParams
 
 # Sampling one of these would break the next forward ("image features and image tokens do not match").
@@ -97,7 +97,7 @@ class HFEngine:
         if encoded is not None:
             inputs = prompt_batch(encoded, range(len(encoded)), pad_id=self.pad_id,
                                   image_token_id=self.model.config.image_token_id)
-            return {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            return to_device(inputs, self.model.device)
         self.processor.tokenizer.padding_side = "left"
         inputs = encode_chats(self.processor, [p.text for p in prompts], [p.image for p in prompts], self.system_prompt)
         return dict(inputs.to(self.model.device))

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from noisyrollout.rollout.chat import EncodedPrompts, prompt_batch
+from noisyrollout.rollout.chat import EncodedPrompts, prompt_batch, to_device
 
 
 def pad_responses(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,7 @@ def shared_prompt_hidden(model: Any, prompts: EncodedPrompts, prompt_index: Sequ
     device = next(model.parameters()).device
     rows = torch.tensor([slot[p] for p in prompt_index], device=device)
     inputs = prompt_batch(prompts, distinct, pad_id=pad_id, image_token_id=model.config.image_token_id)
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    inputs = to_device(inputs, device)
     vision = {k: inputs[k] for k in ("pixel_values", "mm_encoder_outputs") if k in inputs}
     head = prompt_cache(model, inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"], vision)
     cache = head.cache
@@ -87,7 +87,7 @@ def response_logprobs(model: Any, prompts: EncodedPrompts, prompt_index: Sequenc
     else:
         inputs = build_sequences(prompts, prompt_index, response_ids, response_mask, pad_id=pad_id,
                                  image_token_id=model.config.image_token_id)
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        inputs = to_device(inputs, device)
         # the LM head runs on the response positions only (the logit at column j predicts token j + 1)
         logits = model(**inputs, use_cache=False, logits_to_keep=length + 1).logits[:, :-1, :].float()
     if temperature > 0 and temperature != 1.0:

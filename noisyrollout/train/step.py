@@ -103,8 +103,10 @@ def sample_rollouts(engine: Engine, batch: PromptBatch, noisy_images: Sequence[I
                                 max_new_tokens=sampling.max_new_tokens)
         flags = [noisy for images, _, noisy in call for _ in images]
         # row of each prompt in `encoded`: clean prompts first, then the distorted ones
-        rows = [p + (len(batch.images) if noisy else 0) for _, _, noisy in call for p in range(len(batch.images))]
-        for i, gen in enumerate(engine.generate(prompts, params, None if encoded is None else encoded.select(rows))):
+        n_prompts = len(batch.images)
+        encoded_rows = [p + (n_prompts if noisy else 0) for _, _, noisy in call for p in range(n_prompts)]
+        call_encoded = None if encoded is None else encoded.select(encoded_rows)
+        for i, gen in enumerate(engine.generate(prompts, params, call_encoded)):
             per_prompt[i % len(batch.images)] += [(ids, text, flags[i]) for ids, text in zip(gen.token_ids, gen.texts)]
     rows = [(p, *r) for p, responses in enumerate(per_prompt) for r in responses]
     response_ids, response_mask = pad_responses([ids for _, ids, _, _ in rows], pad_id)
