@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from noisyrollout.data.shifts import SHIFTS
+from noisyrollout.files import save_figure
 
 BOOTSTRAP_REPS = 2000
 #: Subsets every table reports, in order (per-shift and per-cell subsets follow).
@@ -310,9 +311,4 @@ def plot(table: Mapping[str, Mapping[str, Mapping[str, Any]]], sft_cells: Mappin
     ax.set_ylabel("reward(clean) - reward(noisy)")
     ax.set_title("Clean vs noisy rollout reward gap (10-step mean over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

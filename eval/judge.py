@@ -1,24 +1,27 @@
 """Optional LLM judge: extracts the final answer from a free-form response.
 
-Any OpenAI-compatible endpoint works (a hosted API, a local vLLM server): the judge POSTs
-`{base_url}/chat/completions` and reads `choices[0].message.content`. It only *extracts* the answer;
-correctness is still decided by the rule grader on what it extracted, so a judge cannot mark a
-wrong answer right by opinion.
+Any OpenAI-compatible endpoint works (a hosted API, a local vLLM server): the judge calls
+`{base_url}/chat/completions` through the official `openai` client and reads
+`choices[0].message.content`. It only *extracts* the answer; correctness is still decided by the rule
+grader on what it extracted, so a judge cannot mark a wrong answer right by opinion.
 
-Configuration comes from the environment (`Judge.from_env`):
+Configuration comes from the environment (`Judge.from_env`). The client is built with the base URL and
+key explicit, and the judge never sends what the openai client would otherwise take from `OPENAI_API_KEY`,
+`OPENAI_ORG_ID` or `OPENAI_PROJECT_ID` (credentials meant for another endpoint).
 
     NOISYROLLOUT_JUDGE_BASE_URL   e.g. http://127.0.0.1:8000/v1   (unset -> no judge)
     NOISYROLLOUT_JUDGE_MODEL      the model name the endpoint serves
-    NOISYROLLOUT_JUDGE_API_KEY    sent as a Bearer token; optional for a local server
+    NOISYROLLOUT_JUDGE_API_KEY    sent as a Bearer token; optional for a local server (none -> no header)
     NOISYROLLOUT_JUDGE_CACHE_DIR  on-disk cache (default ~/.cache/noisyrollout/judge)
 
-Requests run on a bounded thread pool sharing one `httpx.Client`. Transient failures (connection
-errors, timeouts, a reply cut off mid-body, HTTP 429 and 5xx) are retried by tenacity with
-exponential back-off, waiting at least a 429/503 reply's `Retry-After` seconds (both capped at
-`max_wait_s`); any other HTTP error or a malformed reply fails at once. Every answer is cached on
-disk under a hash of (model, messages), so a re-run or a re-grade of the same predictions makes no
-request. The API key is held only in memory: it is never part of `describe()`, the cache, a log line
-or an exception message.
+Requests run on a bounded thread pool (`max_workers`) sharing one `openai.OpenAI` client, which applies
+the timeout (`timeout_s`) and retries (`max_retries`): connection errors, timeouts, a reply cut off
+mid-body, HTTP 408/409/429 and 5xx are retried with exponential back-off (0.5 s doubling, at most 8 s,
+with jitter), waiting a reply's `Retry-After`/`retry-after-ms` instead when it asks for at most two
+minutes; a reply asking for longer, any other HTTP error or a malformed reply fails at once. Every
+answer is cached on disk under a hash of (model, messages), so a re-run or a re-grade of the same
+predictions makes no request. The API key is held as a `pydantic.SecretStr`: it is never part of
+`describe()`, the repr, the cache, a log line or an exception message.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx
-import tenacity
+import openai
+from pydantic import SecretStr
 from tqdm import tqdm
 
 log = logging.getLogger("noisyrollout.eval")
@@ -49,6 +51,9 @@ SYSTEM_PROMPT = (
     "offers lettered choices, reply with the letter of the chosen choice. If the response gives no "
     "final answer, reply NONE."
 )
+
+# Headers the openai client would fill from OPENAI_ORG_ID / OPENAI_PROJECT_ID: never sent to a judge.
+_NO_AMBIENT_HEADERS: dict[str, Any] = {"OpenAI-Organization": openai.omit, "OpenAI-Project": openai.omit}
 
 
 @dataclass(frozen=True)
@@ -74,39 +79,35 @@ class JudgeError(Exception):
     """A judge request failed for good (after retries); the message never contains the key."""
 
 
-class _RetryableStatus(Exception):
-    """An HTTP 429/5xx reply: retried, after at least `retry_after` seconds when the server gave one."""
-
-    def __init__(self, message: str, retry_after: float | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-# Worth another attempt: the server was busy or failing, or the connection broke (refused, reset, timed out, or a
-# reply cut off mid-body). Not: a bad URL scheme, a proxy misconfiguration, a request httpx refuses to send.
-_TRANSIENT = (_RetryableStatus, httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-
-
 @dataclass
 class Judge:
-    """An OpenAI-compatible chat endpoint used to pull the final answer out of a response."""
+    """An OpenAI-compatible chat endpoint used to pull the final answer out of a response.
+
+    `max_retries` (retries after the first attempt) and `max_workers` (concurrent requests in
+    `extract_many`) are plain constructor arguments; `api_key` may be given as a `str`, it is kept as a
+    `SecretStr`. `base_url`, `api_key`, `timeout_s` and `max_retries` are read when the client opens (on
+    the first request, again after `close()`).
+    """
 
     base_url: str
     model: str
-    api_key: str | None = field(default=None, repr=False)
+    api_key: SecretStr | None = None
     cache_dir: Path | None = DEFAULT_CACHE_DIR
     max_workers: int = 8
     max_retries: int = 3
     timeout_s: float = 60.0
-    backoff_s: float = 1.0
-    max_wait_s: float = 60.0
     max_response_chars: int = 12000
     stats: JudgeStats = field(default_factory=JudgeStats)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    _client: httpx.Client | None = field(default=None, repr=False, compare=False)
+    _local: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+    _client: openai.OpenAI | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
+        if isinstance(self.api_key, str):
+            self.api_key = SecretStr(self.api_key)
+        if self.api_key is not None and not self.api_key.get_secret_value():
+            self.api_key = None
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir).expanduser()
 
@@ -121,10 +122,11 @@ class Judge:
             from noisyrollout.errors import ConfigError
 
             raise ConfigError(f"{ENV_PREFIX}BASE_URL is set but {ENV_PREFIX}MODEL is not")
+        key = os.environ.get(ENV_PREFIX + "API_KEY")
         kwargs: dict[str, Any] = {
             "base_url": base_url,
             "model": model,
-            "api_key": os.environ.get(ENV_PREFIX + "API_KEY") or None,
+            "api_key": SecretStr(key) if key else None,
         }
         if os.environ.get(ENV_PREFIX + "CACHE_DIR"):
             kwargs["cache_dir"] = Path(os.environ[ENV_PREFIX + "CACHE_DIR"])
@@ -147,6 +149,9 @@ class Judge:
         user = f"Question:\n{request.question}\n\nResponse:\n{response}\n\nFinal answer:"
         return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
+    # The cache stays one JSON file per answer, written by an atomic rename, rather than moving onto diskcache:
+    # that is safe for many processes sharing a cache dir on a network file system (where diskcache's SQLite
+    # locking is not), readable with any tool, and never unpickles what it reads.
     def _cache_path(self, messages: list[dict[str, str]]) -> Path | None:
         if self.cache_dir is None:
             return None
@@ -154,63 +159,67 @@ class Judge:
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
-    def _http(self) -> httpx.Client:
-        """The shared HTTP client (thread-safe), opened on first use."""
+    def _openai(self) -> openai.OpenAI:
+        """The shared client (thread-safe), opened on first use."""
         with self._lock:
             if self._client is None:
-                self._client = httpx.Client(timeout=self.timeout_s)
+                key = self.api_key.get_secret_value() if self.api_key is not None else None
+                # Every attempt, retries included, passes the request hook: it keeps the counters.
+                http_client = openai.DefaultHttpxClient(event_hooks={"request": [self._on_request]})
+                # Without a key the client gets a provider returning "" (never OPENAI_API_KEY from the
+                # environment) and `_headers()` drops the Authorization header.
+                self._client = openai.OpenAI(base_url=self.base_url, api_key=key or (lambda: ""),
+                                             timeout=self.timeout_s, max_retries=self.max_retries,
+                                             http_client=http_client)
             return self._client
 
+    def _headers(self) -> dict[str, Any]:
+        if self.api_key is not None:
+            return _NO_AMBIENT_HEADERS
+        return {**_NO_AMBIENT_HEADERS, "Authorization": openai.omit}
+
+    def _on_request(self, request: Any) -> None:
+        """httpx request hook, run in the calling thread for each attempt: count it (and a retry)."""
+        self._count("http_calls")
+        attempts = getattr(self._local, "attempts", 0) + 1
+        self._local.attempts = attempts
+        if attempts > 1:
+            self._count("retries")
+            log.debug("judge: retry %d contacting %s", attempts - 1, self.base_url)
+
     def close(self) -> None:
-        """Close the HTTP client's connections (a later request opens a new client)."""
+        """Close the client's connections (a later request opens a new client)."""
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
             client.close()
 
-    def _wait(self, state: tenacity.RetryCallState) -> float:
-        """Seconds before the next attempt: exponential back-off with jitter, at least a given Retry-After."""
-        backoff = tenacity.wait_exponential_jitter(initial=self.backoff_s, max=self.max_wait_s,
-                                                   jitter=0.25 * self.backoff_s)(state)
-        exc = state.outcome.exception() if state.outcome is not None else None
-        retry_after = exc.retry_after if isinstance(exc, _RetryableStatus) else None
-        return min(self.max_wait_s, max(backoff, retry_after or 0.0))
-
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        """Count a retry; say why and how long it waits at debug level."""
-        self._count("retries")
-        if state.outcome is not None and state.next_action is not None:
-            log.debug("judge: %s; attempt %d failed, retrying in %.1fs", _describe(state.outcome.exception(),
-                      state.args[0]), state.attempt_number, state.next_action.sleep)
-
-    def _attempt(self, url: str, payload: dict[str, Any], headers: dict[str, str]) -> str:
-        """One POST; the reply's text. Raises a `_TRANSIENT` error to retry, `JudgeError` to stop."""
-        self._count("http_calls")
-        reply = self._http().post(url, json=payload, headers=headers)
-        if reply.status_code == 429 or reply.status_code >= 500:
-            retry_after = _retry_after(reply) if reply.status_code in (429, 503) else None
-            raise _RetryableStatus(f"HTTP {reply.status_code} from {url}", retry_after)
-        if not reply.is_success:
-            raise JudgeError(f"HTTP {reply.status_code} from {url}")  # a client error will not improve on retry
-        try:
-            return str(reply.json()["choices"][0]["message"]["content"] or "")
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"malformed reply from {url}") from None
-
     def _post(self, messages: list[dict[str, str]]) -> str:
-        """POST /chat/completions with retries; the reply's text. Raises `JudgeError`."""
-        payload = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 64}
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        """POST /chat/completions (the client retries); the reply's text. Raises `JudgeError`."""
         url = f"{self.base_url}/chat/completions"
-        attempts = self.max_retries + 1
-        retrying = tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts), wait=self._wait,
-                                     retry=tenacity.retry_if_exception_type(_TRANSIENT),
-                                     before_sleep=self._before_sleep, reraise=True)
+        self._local.attempts = 0
         try:
-            return retrying(self._attempt, url, payload, headers)
-        except _TRANSIENT as exc:
-            # `from None`: the httpx error carries the request, Authorization header included
-            raise JudgeError(f"{_describe(exc, url)}; gave up after {attempts} attempt(s)") from None
+            completion = self._openai().chat.completions.create(
+                model=self.model, messages=messages, temperature=0.0, max_tokens=64,  # type: ignore[arg-type]
+                extra_headers=self._headers())
+        except openai.APIStatusError as exc:
+            message = f"HTTP {exc.status_code} from {url}"
+        except openai.APIConnectionError as exc:  # a timeout too: the cause says which (ConnectError, ReadTimeout)
+            message = f"{type(exc.__cause__ or exc).__name__} contacting {url}"
+        except (openai.APIResponseValidationError, json.JSONDecodeError):
+            message = f"malformed reply from {url}"
+        except openai.OpenAIError as exc:
+            message = f"{type(exc).__name__} calling {url}"
+        else:
+            try:
+                return str(completion.choices[0].message.content or "")
+            except (AttributeError, IndexError, TypeError):
+                message = f"malformed reply from {url}"
+        attempts = self._local.attempts
+        if attempts > 1:
+            message += f"; gave up after {attempts} attempt(s)"
+        # `from None`: the openai/httpx error carries the request, Authorization header included
+        raise JudgeError(message) from None
 
     def extract(self, request: JudgeRequest) -> str | None:
         """The judge's extracted answer (None for NONE). Cached; raises `JudgeError` on failure."""
@@ -235,7 +244,7 @@ class Judge:
 
     def extract_many(self, requests: Sequence[JudgeRequest], *, progress: bool = False,
                      desc: str = "judge") -> list[str | None | JudgeError]:
-        """Extract answers for many samples on a bounded thread pool, in input order.
+        """Extract answers for many samples on a bounded thread pool (`max_workers`), in input order.
 
         A failed request yields its `JudgeError` in place of an answer; the others still complete.
         """
@@ -252,22 +261,6 @@ class Judge:
             return []
         with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
             return list(tqdm(pool.map(one, requests), total=len(requests), desc=desc, disable=not progress))
-
-
-def _describe(exc: BaseException | None, url: str) -> str:
-    """A failed attempt in one line: the HTTP status, or the kind of connection failure (never a header)."""
-    if isinstance(exc, _RetryableStatus):
-        return str(exc)
-    return f"{type(exc).__name__} contacting {url}"
-
-
-def _retry_after(reply: httpx.Response) -> float | None:
-    """A reply's Retry-After in seconds (the delta-seconds form), or None when absent or unreadable."""
-    try:
-        seconds = float(reply.headers.get("Retry-After", ""))
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _clean(content: str) -> str | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from eval.benchmarks import BENCHMARKS, EMBEDDED_SPLITS
+from noisyrollout import files
 from noisyrollout.tracking import is_secret_key
 
 SUMMARY_JSON = "summary.json"
@@ -117,13 +118,8 @@ def _json_default(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    """Write JSON atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2, default=_json_default), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write JSON atomically (a reader never sees half a file), strict (nan -> null)."""
+    return files.write_json(path, payload, default=_json_default)
 
 
 def write_benchmark(output_dir: Path, name: str, results: list[dict[str, Any]], metrics: Mapping[str, Any],

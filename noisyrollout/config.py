@@ -1,16 +1,21 @@
 """Typed configuration: pydantic models that mirror `params.yaml` section by section.
 
 `params.yaml` is the only place a knob lives; `load_params` reads it, applies `section.key=value` overrides
-(the same syntax as `dvc exp run -S`) and validates everything, naming the offending key on error.
+(the same syntax as `dvc exp run -S`) and validates everything, naming every offending key on error. The field
+defaults here equal params.yaml's values, and every field is a key of params.yaml (tests/test_params_truth.py), so
+`Params()` is the embedded profile too; `param_rows` lists the values in use with their descriptions
+(`noisyrollout params`).
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from noisyrollout.errors import ConfigError
 
@@ -18,6 +23,11 @@ SYSTEM_PROMPT = (
     "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. "
     "The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}."
 )
+
+
+# Validation context key: check that the folders parameters name exist (`load_params` sets it; a plain
+# `Params.model_validate` of a dump, as in a Ray learner whose working directory may differ, does not).
+CHECK_PATHS = "check_paths"
 
 
 class Section(BaseModel):
@@ -108,13 +118,16 @@ class SFTConfig(Section):
     enabled: bool = Field(True, description="Run the SFT warm start (the role of the Instruct checkpoint).")
     steps: int = Field(320, ge=0, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Examples per step.")
-    fraction: float | None = Field(None, gt=0, lt=1, description="SFT trains on this leading fraction of the train "
+    fraction: float | None = Field(0.6667, gt=0, lt=1, description="SFT trains on this leading fraction of the train "
                                    "split and RL draws its prompts from the rest, so RL learns on prompts the warm start "
                                    "never saw (as the paper's Instruct model never saw Geometry3K); null = both use "
                                    "the whole split.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (linear warm-up, cosine decay).")
     warmup_steps: int = Field(10, ge=0, description="Warm-up steps.")
+    min_lr_rate: float = Field(0.1, ge=0, le=1, description="The cosine decay ends at this fraction of `lr`.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW (beta1, beta2).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     noise_prob: float = Field(0.0, ge=0, le=1, description="Fraction of SFT images given gaussian noise (robustness, "
                               "as a pretrained model has; 0 = clean SFT).")
     noise_max_step: int = Field(0, ge=0, le=999, description="Noisy SFT images use a noise step drawn from [0, this].")
@@ -133,10 +146,10 @@ ALPHA0_MAX = {"gaussian": 999.0, "rotate": 360.0, "crop_fill": 1.0}
 
 
 class NoiseConfig(Section):
-    distortion: str = Field("gaussian", description="Distortion for the noisy rollouts: gaussian | rotate | crop_fill | "
+    distortion: str = Field("crop_fill", description="Distortion for the noisy rollouts: gaussian | rotate | crop_fill | "
                             "tv:<torchvision v2 transform> (GaussianBlur, ColorJitter, RandomErasing, JPEG, "
                             "ElasticTransform) | tv:<transform>:<argument that takes the strength>.")
-    alpha0: float = Field(500, ge=0, description="Initial strength: noise step (gaussian, 0-999), degrees (rotate, "
+    alpha0: float = Field(0.2, ge=0, description="Initial strength: noise step (gaussian, 0-999), degrees (rotate, "
                           "0-360) or side fraction (crop_fill, 0-1).")
     anneal: Literal["none", "linear", "pow", "exp", "sigmoid"] = Field("sigmoid", description="Annealing of the strength over RL steps.")
     anneal_coef: float | None = Field(None, description="Coefficient of the pow/exp/sigmoid schedules; null = the "
@@ -155,12 +168,18 @@ class NoiseConfig(Section):
             raise ValueError(f"noise.alpha0={self.alpha0:g} is out of range for {self.distortion} (at most {top:g})")
         if self.anneal in ANNEAL_COEFS:
             default, ok, valid = ANNEAL_COEFS[self.anneal]
-            if self.anneal_coef is None:
-                self.anneal_coef = default
-            elif not ok(self.anneal_coef):
+            if self.anneal_coef is not None and not ok(self.anneal_coef):
                 raise ValueError(f"noise.anneal_coef={self.anneal_coef:g} is invalid for noise.anneal={self.anneal} "
                                  f"(must be {valid}; null picks {default:g})")
         return self
+
+    @property
+    def resolved_anneal_coef(self) -> float | None:
+        """The coefficient the schedule runs with: `anneal_coef`, or when null the schedule's default (None for
+        `none` / `linear`, which take none). The stored value stays null, as params.yaml has it."""
+        if self.anneal_coef is not None or self.anneal not in ANNEAL_COEFS:
+            return self.anneal_coef
+        return ANNEAL_COEFS[self.anneal][0]
 
 
 class RolloutConfig(Section):
@@ -181,7 +200,7 @@ class RolloutConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(60, ge=1, description="RL steps (one rollout batch each).")
+    steps: int = Field(120, ge=1, description="RL steps (one rollout batch each).")
     prompts_per_step: int = Field(16, ge=1, description="Prompts per rollout batch; each gets n_clean + n_noisy responses.")
     mini_batches: int = Field(1, ge=1, description="Policy updates per rollout batch (the rollout batch is split in this "
                               "many; each needs at least one prompt per learner).")
@@ -191,6 +210,8 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0, description="Learning rate (constant after warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW (beta1, beta2), also of the DeepSpeed "
+                                            "learners.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     estimator: Literal["grpo", "rloo", "reinforce_pp", "dr_grpo"] = Field("grpo", description="Advantage estimator.")
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range epsilon.")
@@ -221,19 +242,32 @@ class CheckpointConfig(Section):
     every: int = Field(20, ge=0, description="Save a checkpoint every this many RL steps and after the last one (0 = none).")
     keep_last: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
     resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint written with the same "
-                        "parameters; `never`: start over, replacing old checkpoints; or a checkpoint folder.")
+                        "parameters; `never`: start over, replacing old checkpoints; or an existing checkpoint folder.")
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_target(cls, value: str, info: ValidationInfo) -> str:
+        # the folder is checked only where the parameters are loaded (load_params, in the repo root): a Ray learner
+        # re-validates a dump of them in a process whose working directory may differ
+        if value in ("auto", "never") or not (info.context or {}).get(CHECK_PATHS):
+            return value
+        if not Path(value).is_dir():
+            hint = difflib.get_close_matches(value, ["auto", "never"], n=1)
+            raise ValueError(f"checkpoint.resume: {value!r} is not auto, never or an existing checkpoint folder"
+                             + (f" (did you mean {hint[0]}?)" if hint else ""))
+        return value
 
 
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Log params, per-step metrics, plots and the final model to MLflow.")
-    experiment: str = Field("noisyrollout", description="MLflow experiment name.")
+    experiment: str = Field("noisyrollout-embedded", description="MLflow experiment name.")
     artifact_root: Path = Field(Path("mlartifacts"), description="Local folder for MLflow artifacts (made absolute).")
 
 
 class ValConfig(Section):
     batch_size: int = Field(128, ge=1, description="Prompts per generation batch of the validation after `sft` and `train`.")
     max_new_tokens: int = Field(24, ge=1, description="Longest validation response, in tokens.")
-    limit: int | None = Field(None, description="Use at most this many validation examples (None = all).")
+    limit: int | None = Field(None, description="Use at most this many validation examples (null = all).")
 
 
 class EvalConfig(Section):
@@ -247,9 +281,17 @@ class EvalConfig(Section):
     output_dir: Path = Field(Path("runs/embedded/eval"), description="Where `eval` writes <benchmark>.json and the summary.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding (the authors' setting).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold when temperature > 0.")
-    min_pixels: int | None = Field(None, description="Resize eval images to at least this many pixels (authors: 262144).")
-    max_pixels: int | None = Field(None, description="Resize eval images to at most this many pixels (authors: 1000000).")
-    limit: int | None = Field(None, description="Evaluate only the first N samples of each benchmark.")
+    min_pixels: int | None = Field(None, description="With max_pixels, resize eval images to at least this many "
+                                     "pixels (null = no resize; authors: 262144).")
+    max_pixels: int | None = Field(None, description="With min_pixels, resize eval images to at most this many "
+                                     "pixels (null = no resize; authors: 1000000).")
+    limit: int | None = Field(None, description="Evaluate only the first N samples of each benchmark (null = all).")
+    judge_max_retries: int = Field(3, ge=0, description="LLM judge (NOISYROLLOUT_JUDGE_* environment): retries of a "
+                                   "failed request after the first attempt.")
+    judge_max_workers: int = Field(8, ge=1, description="LLM judge: concurrent requests.")
+    judge_timeout_s: float = Field(60.0, gt=0, description="LLM judge: seconds per request before it is retried.")
+    judge_max_response_chars: int = Field(12000, ge=1, description="LLM judge: only the last this many characters of "
+                                          "a response are sent to it.")
 
 
 class GateConfig(Section):
@@ -351,7 +393,8 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None,
                 recipe: str | Path | None = None) -> Params:
-    """Read `path` (if given), deep-merge `recipe` over it, apply `key=value` overrides, validate."""
+    """Read `path` (if given), deep-merge `recipe` over it, apply `key=value` overrides, validate. An invalid tree is
+    one ConfigError listing every invalid key, one line each (one line in all when only one is)."""
     tree: dict[str, Any] = {}
     for file in (path, recipe):
         if file is None:
@@ -369,13 +412,71 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return Params.model_validate(tree)
+        return Params.model_validate(tree, context={CHECK_PATHS: True})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        if err["type"] == "value_error":   # a cross-field check: its message names the keys
-            raise ConfigError(f"params: {err['msg'].removeprefix('Value error, ')}") from None
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"params: {where}: {err['msg']} (got {err.get('input')!r})") from None
+        lines = list(dict.fromkeys(_error_lines(exc)))
+    if len(lines) == 1:
+        raise ConfigError(f"params: {lines[0]}")
+    raise ConfigError(f"params: {len(lines)} invalid parameters\n" + "\n".join(f"  {line}" for line in lines))
+
+
+def _error_lines(exc: ValidationError) -> Iterator[str]:
+    """One line per invalid key of a failed validation, each naming its dotted key."""
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        where = ".".join(loc)
+        if err["type"] == "value_error":   # our own checks: their messages name the keys
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            yield msg if not where or msg.startswith(where) else f"{where}: {msg}"
+        elif err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(loc[-1], list(_fields_at(loc[:-1])), n=1)
+            also = f" (did you mean {'.'.join([*loc[:-1], hint[0]])}?)" if hint else ""
+            for key, value in _leaves(where, err.get("input")):
+                yield f"{key}: not a parameter{also} (got {value!r})"
+        else:
+            yield f"{where or 'the parameters file'}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _fields_at(loc: list[str]) -> dict[str, Any]:
+    """The fields of the section at `loc` (a list of section names from the top), or none."""
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part)
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return {}
+    return model.model_fields
+
+
+def _leaves(prefix: str, value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        for key, sub in value.items():
+            yield from _leaves(f"{prefix}.{key}", sub)
+    else:
+        yield prefix, value
+
+
+def param_rows(params: Params) -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, value as params.yaml writes it, description) for every parameter of `params`, section by
+    section. A null `noise.anneal_coef` shows the coefficient the schedule resolves it to in its description."""
+    def walk(section: BaseModel, prefix: str) -> Iterator[tuple[str, Any, str]]:
+        dumped = section.model_dump(mode="json")
+        for name, field in type(section).model_fields.items():
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                yield from walk(value, f"{prefix}{name}.")
+                continue
+            description = field.description or ""
+            if isinstance(section, NoiseConfig) and name == "anneal_coef" and value is None \
+                    and section.resolved_anneal_coef is not None:
+                description += f" (null: {section.resolved_anneal_coef:g} for noise.anneal={section.anneal})"
+            yield f"{prefix}{name}", dumped[name], description
+    yield from walk(params, "")
+
+
+def format_value(value: Any) -> str:
+    """A parameter value as `-S key=VALUE` takes it (JSON, which is YAML)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def apply_recipe(params_path: str | Path, recipe: str | Path) -> list[str]:

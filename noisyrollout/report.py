@@ -1,11 +1,14 @@
-"""The before/after table of a run and its training-curve plot."""
+"""The before/after table of a run, its training-curve plot (training.png) and the CSV that `dvc plots` draws."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from noisyrollout.files import save_figure
+from noisyrollout.tracking import finite_or_none
 from noisyrollout.train.metrics import MetricsLog
 
 
@@ -44,13 +47,33 @@ def before_after(sft_val: dict | None, rl_val: dict, metrics_path: Path) -> tupl
     return "\n".join(lines), summary
 
 
-def plot_training(metrics_path: Path, out_png: Path) -> Path:
-    """Reward on clean vs noisy rollouts, accuracy and alpha_t per step of a metrics.jsonl file, as one PNG
-    (drawn by `noisyrollout.tracking.plot_metrics`)."""
-    from noisyrollout.tracking import plot_metrics
+def plot_training(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path:
+    """training.png: reward on clean vs noisy rollouts, rollout accuracy and alpha_t per step, in three panels.
 
-    rows = MetricsLog(Path(metrics_path)).read()
-    return plot_metrics(rows, out_png)
+    `rows` are StepMetrics dicts (keys step, reward_clean, reward_noisy, accuracy, alpha); a missing key or a nan
+    value (reward_noisy when n_noisy = 0) leaves a gap in its curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def col(key: str) -> list[float]:
+        return [math.nan if (v := finite_or_none(r.get(key))) is None else v for r in rows]
+
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, col("reward_clean"), label="clean rollouts")
+    axes[0].plot(steps, col("reward_noisy"), label="noisy rollouts")
+    axes[0].set_title("reward")
+    axes[0].legend()
+    axes[1].plot(steps, col("accuracy"), color="tab:green")
+    axes[1].set_title("rollout accuracy")
+    axes[2].plot(steps, col("alpha"), color="tab:red")
+    axes[2].set_title("alpha_t (distortion strength)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return save_figure(fig, out_png, dpi=110)
 
 
 TRAINING_COLUMNS = ("step", "reward_clean", "reward_noisy", "accuracy", "alpha")

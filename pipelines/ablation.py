@@ -70,11 +70,11 @@ def check_ready(params: Params) -> None:
 def sft_baseline(params: Params, out_dir: Path, log: Log) -> dict[tuple[str, str], tuple[str, int]]:
     """Evaluate the SFT checkpoint on the same splits (greedy); its per-sample correctness."""
     from eval.report import load_results, sample_outcomes
-    from noisyrollout import stages
+    from pipelines.stages.evaluate import evaluate
 
     model = Path(params.sft.output_dir) / "model"
     p = params.model_copy(update={"eval": params.eval.model_copy(update={"model": model, "output_dir": out_dir})})
-    summary = stages.evaluate(p, log=lambda _: None)
+    summary = evaluate(p, log=lambda _: None, record=False)
     samples = sample_outcomes(load_results(out_dir, summary["benchmarks"]))
     log(f"ablation: SFT start evaluated on {len(samples)} samples")
     return samples
@@ -83,18 +83,18 @@ def sft_baseline(params: Params, out_dir: Path, log: Log) -> dict[tuple[str, str
 def distortion_check(params: Params, arms: dict[str, dict[str, Any]], log: Log) -> dict[str, dict[str, float]]:
     """The SFT model's greedy val accuracy on clean images and under each arm's distortion at its alpha0: how readable
     each arm's noisy rollouts are at the start (the paper's distortions are meant to be moderate)."""
-    from noisyrollout import stages
+    from noisyrollout.train.validate import validate_checkpoint
 
     out: dict[str, dict[str, float]] = {}
     model = Path(params.sft.output_dir) / "model"
-    clean = stages.validate_model(model, params, "sft clean", which=("clean",))["clean"]["accuracy"]
+    clean = validate_checkpoint(model, params, "sft clean", which=("clean",))["clean"]["accuracy"]
     for arm, overrides in arms.items():
         if "noise.distortion" not in overrides:
             continue
         noise = params.noise.model_copy(update={"distortion": overrides["noise.distortion"],
                                                 "alpha0": float(overrides["noise.alpha0"])})
-        acc = stages.validate_model(model, params.model_copy(update={"noise": noise}), f"sft {arm}",
-                                     which=("noisy",))["noisy"]["accuracy"]
+        acc = validate_checkpoint(model, params.model_copy(update={"noise": noise}), f"sft {arm}",
+                                  which=("noisy",))["noisy"]["accuracy"]
         out[arm] = {"clean": clean, "distorted": acc}
         log(f"ablation: SFT val accuracy {clean:.3f} clean, {acc:.3f} under {overrides['noise.distortion']} "
             f"at alpha0 {overrides['noise.alpha0']}")

@@ -78,3 +78,39 @@ def print_summary(params: Params, log: Log = print) -> None:
     from pipelines.registry import format_state, registry_state
 
     log("\n" + format_state(registry_state(name=params.registry.model_name, tracking_uri=tracking_uri()), decision))
+
+
+CODE_ROOTS = ("noisyrollout/", "pipelines/", "eval/")
+
+
+def stage_code_deps(stage: str) -> list[str]:
+    """The code `deps` DVC stage `stage` must list: its module's import closure, as the fewest paths."""
+    from noisyrollout.sources import covering_paths, import_closure
+
+    return covering_paths(import_closure([f"pipelines.stages.{stage}"]))
+
+
+def sync_stage_deps(dvc_yaml: Path = Path("dvc.yaml"), write: bool = False) -> dict[str, tuple[list[str], list[str]]]:
+    """{stage: (code deps to add, code deps to drop)} for every stage whose code deps differ from its import closure;
+    with `write`, dvc.yaml is rewritten with the right ones (inputs kept first, comments kept: ruamel round trip)."""
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    rt.width = 4096
+    rt.indent(mapping=2, sequence=4, offset=2)   # dvc.yaml's own style: list items indented under their key
+    doc = rt.load(dvc_yaml.read_text())
+    changes: dict[str, tuple[list[str], list[str]]] = {}
+    for name, stage in doc["stages"].items():
+        deps = stage.get("deps", [])
+        listed = [d for d in deps if str(d).startswith(CODE_ROOTS)]
+        wanted = stage_code_deps(name)
+        if listed != wanted:
+            changes[name] = ([d for d in wanted if d not in listed], [d for d in listed if d not in wanted])
+            inputs = [d for d in deps if not str(d).startswith(CODE_ROOTS)]
+            deps.clear()
+            deps.extend([*inputs, *wanted])
+    if write and changes:
+        with dvc_yaml.open("w") as fh:
+            rt.dump(doc, fh)
+    return changes

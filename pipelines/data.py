@@ -1,10 +1,11 @@
-"""data.dvc, made usable on a fresh clone with no DVC remote.
+"""data.dvc on a fresh clone: `dvc pull`, or a render of the embedded corpus checked against data.dvc's hash.
 
-`data.dvc` versions the raw data folder `data/`. On the embedded profile that folder holds the synthetic corpus,
-which renders byte-identically from its seed, so a fresh clone can rebuild it and check the result against the
-hash recorded in data.dvc. A render that differs is an error, never taken as new data: the render is moved aside
-and the message says what to do. A folder that exists is only checked; with a DVC remote configured, a missing
-folder is pulled instead of rendered.
+`data.dvc` versions the raw data folder `data/`. The repository's default DVC remote, `embedded` (.dvc/config), is
+the folder .dvc/storage/, committed with the embedded corpus in it, so `dvc pull && dvc repro` works offline in a
+fresh clone. The corpus also renders byte-identically from its seed: `restore` pulls it (any default remote), or,
+with no remote or a failed pull, renders it and checks the render against data.dvc. A render that differs is an
+error, never taken as new data: it is moved aside and the message says what to do. A folder that exists is only
+checked.
 """
 
 from __future__ import annotations
@@ -61,11 +62,20 @@ def verify(repo: Path = Path("."), dvc_file: str = "data.dvc") -> tuple[Path, st
         dvc_repo.close()
 
 
+def render(params: Params, log: Log = print) -> Path:
+    """Render the synthetic corpus to `data.corpus_dir` (the raw data that data.dvc versions)."""
+    from noisyrollout.data.synthetic import build_corpus, save_corpus
+
+    cfg = params.data
+    corpus = build_corpus(seed=cfg.seed, image_size=cfg.image_size, tasks=cfg.tasks, sizes=cfg.sizes)
+    save_corpus(corpus, Path(cfg.corpus_dir))
+    log(f"corpus: {', '.join(f'{s} {len(d)}' for s, d in corpus.items())} -> {cfg.corpus_dir}")
+    return Path(cfg.corpus_dir)
+
+
 def restore(params: Params, repo: Path = Path("."), dvc_file: str = "data.dvc", log: Log = print) -> Path:
     """Make data.dvc's folder present and verified: check it if present, else `dvc pull` it (a remote is
     configured) or render the embedded corpus and check the render against data.dvc."""
-    from noisyrollout import stages
-
     dvc_repo, out = _tracked_out(repo, dvc_file)
     target, recorded, shown = Path(out.fs_path), str(out.hash_info.value), out.def_path
     dvc_repo.close()
@@ -73,20 +83,27 @@ def restore(params: Params, repo: Path = Path("."), dvc_file: str = "data.dvc", 
         verify(repo, dvc_file)
         log(f"data: {shown} matches {dvc_file} ({recorded})")
         return target
+    corpus = (repo / params.data.corpus_dir).resolve()
+    renderable = corpus.is_relative_to(target.resolve())
+    pulled = None
     if _remotes(repo):
         log(f"data: {shown} missing; pulling {dvc_file} from the DVC remote")
         result = subprocess.run([sys.executable, "-m", "dvc", "pull", dvc_file], cwd=repo, capture_output=True, text=True)
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["dvc pull failed"])[-1]
+        pulled = result.returncode == 0
+        if pulled:
+            verify(repo, dvc_file)
+            log(f"data: pulled {shown}; matches {dvc_file} ({recorded})")
+            return target
+        last = (result.stderr.strip().splitlines() or ["dvc pull failed"])[-1]
+        if not renderable:
             raise NoisyRolloutError(f"dvc pull {dvc_file} failed: {last}")
-        verify(repo, dvc_file)
-        return target
-    corpus = (repo / params.data.corpus_dir).resolve()
-    if not corpus.is_relative_to(target.resolve()):
+        log(f"data: dvc pull {dvc_file} failed ({last}); rendering the embedded corpus instead")
+    if not renderable:
         raise NoisyRolloutError(f"{shown}: missing, no DVC remote configured, and data.corpus_dir ({params.data.corpus_dir}) "
                                 f"is not inside it, so it cannot be rendered; `dvc remote add` + `dvc pull {dvc_file}`")
-    log(f"data: {shown} missing and no DVC remote; rendering the embedded corpus from its seed")
-    stages.render_data(params.model_copy(update={"data": params.data.model_copy(update={"corpus_dir": corpus})}), log=log)
+    if pulled is None:
+        log(f"data: {shown} missing and no DVC remote; rendering the embedded corpus from its seed")
+    render(params.model_copy(update={"data": params.data.model_copy(update={"corpus_dir": corpus})}), log=log)
     try:
         verify(repo, dvc_file)
     except NoisyRolloutError:

@@ -153,7 +153,7 @@ def retry_if_transient(task_obj, task_run, state) -> bool:
 def restore_data(repo: str) -> None:
     """`noisyrollout restore-data`: data.dvc's folder present and verified (rendered and checked on a fresh clone)."""
     logger = get_run_logger()
-    code, lines = _stream([sys.executable, "-m", "noisyrollout.cli", "restore-data"], Path(repo), logger.info)
+    code, lines = _stream([sys.executable, "-m", "pipelines.cli", "restore-data"], Path(repo), logger.info)
     if code != 0:
         raise _failure("restore-data", code, lines)
 

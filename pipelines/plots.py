@@ -4,24 +4,20 @@
 without a network. Here `dvc plots show --json` gives the Vega-Lite specs DVC would draw (data already
 filled in), and the page is built around them with the JavaScript bundle of `vl-convert-python` inlined
 (`vl_convert.javascript_bundle()`: a plain, import-free script that sets `window.vegaEmbed`, `window.vega`
-and `window.vegaLite`). `screenshot` drives headless Chromium over the DevTools protocol (a pipe, no port)
-to check such a page really draws, collecting console errors, uncaught exceptions and failed loads.
+and `window.vegaLite`). `screenshot` drives Debian's headless Chromium with Playwright to check such a page
+really draws, collecting console errors, uncaught exceptions and failed loads.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import html
 import json
 import os
-import queue
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -232,189 +228,122 @@ def render_plots_page(repo: Path, out_html: Path, *, targets: Sequence[str] | No
 
 
 # ---------------------------------------------------------------------------------------- screenshot
+class ChromiumNotFound(NoisyRolloutError, FileNotFoundError):
+    """No Chromium on PATH. Both a NoisyRolloutError (one line for the CLI) and a FileNotFoundError."""
+
+
 def find_chromium() -> str:
-    """The Chromium executable on PATH; FileNotFoundError naming the package to install when there is none."""
+    """The Chromium executable on PATH; ChromiumNotFound naming the package to install when there is none."""
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
         if path:
             return path
-    raise FileNotFoundError(f"chromium not found on PATH: install the `{CHROMIUM_PACKAGE}` package "
-                            f"(Debian: apt-get install -y {CHROMIUM_PACKAGE})")
+    raise ChromiumNotFound(f"chromium not found on PATH: install the `{CHROMIUM_PACKAGE}` package "
+                           f"(Debian: apt-get install -y {CHROMIUM_PACKAGE})")
 
 
-class _Cdp:
-    """A minimal Chrome DevTools Protocol client over --remote-debugging-pipe (fd 3 in, fd 4 out, NUL-framed)."""
+# Debian's chromium, not a browser Playwright downloads (`playwright install` is never run). Playwright adds
+# its own switches (--headless with headless=True, --no-sandbox, a fresh temporary --user-data-dir, ...); these
+# are the ones this closed-network machine needs, repeated so they do not depend on Playwright's defaults.
+# Every host name resolves to nothing, so a page that needs a CDN fails to load it and says so.
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND")
 
-    def __init__(self, proc: subprocess.Popen, to_browser: int, from_browser: int, deadline: float):
-        self.proc, self.deadline = proc, deadline
-        self._out = os.fdopen(to_browser, "wb", buffering=0)
-        self._messages: queue.Queue = queue.Queue()
-        self._next_id = 0
-        self.events: list[dict] = []
-        threading.Thread(target=self._read, args=(from_browser,), daemon=True).start()
-
-    def _read(self, fd: int) -> None:
-        buf = b""
-        with os.fdopen(fd, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(65536):
-                buf += chunk
-                *frames, buf = buf.split(b"\0")
-                for frame in frames:
-                    if frame:
-                        self._messages.put(json.loads(frame))
-        self._messages.put(None)
-
-    def _get(self) -> dict:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("chromium did not answer in time")
-        try:
-            msg = self._messages.get(timeout=left)
-        except queue.Empty:
-            raise TimeoutError("chromium did not answer in time") from None
-        if msg is None:
-            raise RuntimeError(f"chromium closed the DevTools pipe (exit code {self.proc.poll()})")
-        return msg
-
-    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
-        self._next_id += 1
-        msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        self._out.write(json.dumps(msg).encode() + b"\0")
-        while True:
-            reply = self._get()
-            if reply.get("id") == self._next_id:
-                if "error" in reply:
-                    raise RuntimeError(f"chromium {method}: {reply['error'].get('message', reply['error'])}")
-                return reply.get("result", {})
-            if "method" in reply:
-                self.events.append(reply)
-
-    def wait_event(self, method: str, session: str | None = None, since: int = 0) -> dict:
-        """The first `method` event of `session` among events recorded from index `since` on (waiting for it)."""
-        for event in self.events[since:]:
-            if event["method"] == method and event.get("sessionId") == session:
-                return event
-        while True:
-            event = self._get()
-            if "method" in event:
-                self.events.append(event)
-                if event["method"] == method and event.get("sessionId") == session:
-                    return event
-
-    def close(self) -> None:
-        try:
-            self._out.close()
-        except OSError:
-            pass
+# Before any page script: the time of the last DOM mutation (or of the load event, whichever is later), so
+# that "quiet for 300 ms after load" can be polled (vega-embed draws asynchronously after load).
+_QUIET_INIT_JS = """(() => {
+  window.__plotsQuietSince = performance.now();
+  const touch = () => { window.__plotsQuietSince = performance.now(); };
+  new MutationObserver(touch).observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
+  window.addEventListener("load", touch);
+})();"""
+_QUIET_MS = 300
+_TWO_FRAMES_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(() => r())))"
+_FAILED_LOAD = "Failed to load resource: net::"
 
 
-def _remote_object_text(obj: dict) -> str:
-    if "value" in obj:
-        return obj["value"] if isinstance(obj["value"], str) else json.dumps(obj["value"])
-    return obj.get("description") or obj.get("unserializableValue") or obj.get("type", "")
-
-
-def _console_errors(events: list[dict]) -> list[str]:
-    errors = []
-    for event in events:
-        params = event.get("params", {})
-        if event["method"] == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            errors.append("console.error: " + " ".join(_remote_object_text(a) for a in params.get("args", [])))
-        elif event["method"] == "Runtime.exceptionThrown":
-            details = params.get("exceptionDetails", {})
-            exc = details.get("exception") or {}
-            text = exc.get("description") or details.get("text", "exception")
-            errors.append("uncaught: " + (text.splitlines()[0] if text else "exception"))
-        elif event["method"] == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
-            entry = params["entry"]
-            errors.append(f"{entry.get('source', 'log')}: {entry.get('text', '')}"
-                          + (f" ({entry['url']})" if entry.get("url") else ""))
-    return errors
-
-
-# Resolves once the DOM has had no mutation for `quiet` ms (vega-embed draws asynchronously after load),
-# or after `limit` ms; then waits two animation frames so the last layout is painted.
-_SETTLE_JS = """new Promise(resolve => {
-  const quiet = %d, limit = %d, start = performance.now();
-  let last = performance.now();
-  const obs = new MutationObserver(() => { last = performance.now(); });
-  obs.observe(document, {subtree: true, childList: true, attributes: true, characterData: true});
-  (function check() {
-    const now = performance.now();
-    if (now - last >= quiet || now - start >= limit) {
-      obs.disconnect();
-      requestAnimationFrame(() => requestAnimationFrame(() => resolve(document.querySelectorAll("svg, canvas").length)));
-    } else { setTimeout(check, 50); }
-  })();
-})"""
+def _errors(events: list[tuple[str, str, str]]) -> list[str]:
+    """One line per error event, in order. Chromium also logs each failed request as a console error
+    ("Failed to load resource: net::..."); that duplicate of a failed request is dropped."""
+    failed = {url for kind, url, _ in events if kind == "failed request"}
+    lines = []
+    for kind, where, text in events:
+        if kind == "failed request":
+            lines.append(f"failed request: {where}: {text}")
+        elif kind == "uncaught":
+            lines.append(f"uncaught: {text}")
+        elif not (text.startswith(_FAILED_LOAD) and where in failed):
+            url = f" ({where})" if text.startswith("Failed to load") and where else ""
+            lines.append(f"console.{kind}: {text}{url}")
+    return lines
 
 
 def screenshot(html_path: Path, png: Path, *, width: int = 1200, height: int = 900, timeout: float = 60,
                full_page: bool = False) -> list[str]:
     """Open `html_path` in headless Chromium with no network, save a PNG screenshot, return its console errors.
 
-    Every host name resolves to nothing (`--host-resolver-rules=MAP * ~NOTFOUND`), so a page that needs a
-    CDN fails to load it and says so. Errors returned, one line each: console.error/console.assert calls,
-    uncaught exceptions, and browser log entries of level error (e.g. "Failed to load resource:
-    net::ERR_NAME_NOT_RESOLVED"). The screenshot is taken once the DOM has been quiet for 300 ms after the
-    load event (so asynchronous drawing such as vega-embed's has finished); `full_page` captures the whole
-    page instead of the `width` x `height` viewport. Raises FileNotFoundError naming the package when
-    Chromium is not on PATH, TimeoutError after `timeout` seconds.
+    Playwright drives Debian's chromium (`find_chromium`, as `executable_path`) with CHROMIUM_ARGS. Errors
+    returned, one line each, in order: "console.error: ..." / "console.assert: ..." (console calls and
+    errors the browser logs), "uncaught: <Error>: <message>" (uncaught exceptions and rejections) and
+    "failed request: <url>: <reason>" (e.g. net::ERR_NAME_NOT_RESOLVED for a CDN). The screenshot is taken
+    once the DOM has been quiet for 300 ms after the load event (so asynchronous drawing such as
+    vega-embed's has finished), at most until shortly before `timeout`; `full_page` captures the whole page
+    instead of the `width` x `height` viewport. Raises ChromiumNotFound (a NoisyRolloutError and a
+    FileNotFoundError) naming the package when Chromium is not on PATH, TimeoutError after `timeout`
+    seconds, RuntimeError when Chromium fails.
     """
     chromium = find_chromium()
     html_path, png = Path(html_path).resolve(), Path(png)
     if not html_path.is_file():
         raise FileNotFoundError(f"no such page: {html_path}")
+    try:
+        from playwright.sync_api import Error as PlaywrightError, TimeoutError as PlaywrightTimeout, sync_playwright
+    except ImportError:
+        raise NoisyRolloutError("playwright is not installed: pip install -c constraints.txt playwright") from None
+
     deadline = time.monotonic() + timeout
-    cmd_r, cmd_w = os.pipe()    # we write commands, chromium reads them on fd 3
-    resp_r, resp_w = os.pipe()  # chromium writes replies and events on fd 4
-    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
-        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--remote-debugging-pipe", f"--user-data-dir={profile}", "--no-first-run",
-                "--no-default-browser-check", "--disable-extensions", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--metrics-recording-only", "--mute-audio",
-                "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND", f"--window-size={width},{height}",
-                "about:blank"]
-        # The shell moves our pipe ends onto fds 3/4, where --remote-debugging-pipe expects them.
-        proc = subprocess.Popen(["/bin/sh", "-c", 'exec 3<&0 4>&1 0</dev/null 1>/dev/null; exec "$@"', "sh", *args],
-                                stdin=cmd_r, stdout=resp_w, stderr=subprocess.DEVNULL, start_new_session=True)
-        os.close(cmd_r)
-        os.close(resp_w)
-        cdp = _Cdp(proc, cmd_w, resp_r, deadline)
-        try:
-            target = cdp.send("Target.createTarget", {"url": "about:blank"})
-            session = cdp.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})["sessionId"]
-            for domain in ("Page", "Runtime", "Log"):
-                cdp.send(f"{domain}.enable", session=session)
-            cdp.send("Emulation.setDeviceMetricsOverride",
-                     {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
-            since = len(cdp.events)
-            nav = cdp.send("Page.navigate", {"url": html_path.as_uri()}, session=session)
-            if nav.get("errorText"):
-                raise RuntimeError(f"chromium could not open {html_path}: {nav['errorText']}")
-            cdp.wait_event("Page.loadEventFired", session=session, since=since)
-            settle_ms = max(1000, int((deadline - time.monotonic()) * 1000) - 2000)
-            cdp.send("Runtime.evaluate", {"expression": _SETTLE_JS % (300, settle_ms), "awaitPromise": True},
-                     session=session)
-            shot: dict[str, Any] = {"format": "png"}
-            if full_page:
-                size = cdp.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
-                shot.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": max(width, size["width"]),
-                                                               "height": size["height"], "scale": 1})
-            data = cdp.send("Page.captureScreenshot", shot, session=session)["data"]
-            png.parent.mkdir(parents=True, exist_ok=True)
-            png.write_bytes(base64.b64decode(data))
+
+    def left_ms(reserve: float = 0.0) -> float:
+        return max(1.0, (deadline - time.monotonic() - reserve) * 1000)
+
+    events: list[tuple[str, str, str]] = []  # (console type | "uncaught" | "failed request", url, text)
+
+    def on_console(msg) -> None:
+        if msg.type in ("error", "assert"):
+            events.append((msg.type, (msg.location or {}).get("url", ""), msg.text))
+
+    def on_page_error(exc) -> None:
+        events.append(("uncaught", "", f"{exc.name}: {exc.message}" if exc.name else exc.message))
+
+    def on_request_failed(request) -> None:
+        events.append(("failed request", request.url, request.failure or "failed"))
+
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=list(CHROMIUM_ARGS),
+                                         timeout=left_ms())
             try:
-                cdp.send("Browser.close")
-            except (RuntimeError, TimeoutError):
-                pass
-            return _console_errors(cdp.events)
-        finally:
-            cdp.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # our own process group (start_new_session), chromium's helpers included
-                proc.wait()
+                page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=1)
+                page.set_default_timeout(left_ms())
+                page.on("console", on_console)
+                page.on("pageerror", on_page_error)
+                page.on("requestfailed", on_request_failed)
+                page.add_init_script(_QUIET_INIT_JS)
+                page.goto(html_path.as_uri(), wait_until="load", timeout=left_ms())
+                try:  # not quiet in time (an animation): take the screenshot anyway, 2 s before the deadline
+                    page.wait_for_function(f"() => performance.now() - window.__plotsQuietSince >= {_QUIET_MS}",
+                                           polling=50, timeout=max(1000.0, left_ms(2.0)))
+                except PlaywrightTimeout:
+                    pass
+                page.evaluate(_TWO_FRAMES_JS)  # so the last layout is painted
+                data = page.screenshot(type="png", full_page=full_page, timeout=left_ms())
+            finally:
+                browser.close()
+    except PlaywrightTimeout:
+        raise TimeoutError(f"chromium did not render {html_path} within {timeout:g} s") from None
+    except PlaywrightError as exc:
+        raise RuntimeError(_one_line(f"chromium failed on {html_path}: {exc.message}")) from None
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(data)
+    return _errors(events)

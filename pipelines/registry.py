@@ -26,17 +26,17 @@ import logging
 import math
 import os
 import re
-import urllib.error
-import urllib.parse
-import urllib.request
+import subprocess
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from noisyrollout.errors import NoisyRolloutError
-from noisyrollout.tracking import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, Tracker, finite_or_none, is_secret_key
-from noisyrollout.tracking import sqlite_path, tracking_uri as default_tracking_uri
+from noisyrollout.config import Params
+from noisyrollout.tracking import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, Tracker, check_store, finite_or_none
+from noisyrollout.tracking import first_line as _first_line, is_secret_key, safe_uri as _safe_uri, sqlite_path
+from noisyrollout.tracking import tracking_uri as default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -44,23 +44,11 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 EVAL_PREFIX = "eval."
-HEALTH_TIMEOUT_S = 5.0
 PROMOTION_TAGS = ("promotion.decision", "promotion.reason", "promotion.compared_to", "promotion.metric",
                   "promotion.time")
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-def _safe_uri(uri: str) -> str:
-    """The URI with any `user:password@` part masked (for messages)."""
-    return re.sub(r"(?<=://)[^/@]+@", "***@", str(uri))
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
-
 
 def _resolve(uri: str | None) -> str:
     return uri or default_tracking_uri()
@@ -135,55 +123,6 @@ def _require_store_file(uri: str) -> None:
         if db is not None and not db.is_file():
             raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: no database file {db} "
                                     f"(nothing registered yet; run the register stage first)")
-
-
-# -- check_store -------------------------------------------------------------------------------------------------
-
-def check_store(uri: str) -> None:
-    """Raise NoisyRolloutError (one line naming the URI) when the tracking store cannot be reached.
-
-    sqlite: the database file's folder must exist and be writable (and an existing file must be a SQLite
-    database); http(s): `GET <uri>/health` must answer 200 within ~5 s (no MLflow retry loop); other schemes: one
-    `search_registered_models(max_results=1)` call."""
-    safe = _safe_uri(uri)
-    if uri.startswith("sqlite:"):
-        if not uri.startswith("sqlite:///"):
-            raise NoisyRolloutError(f"MLflow store {safe}: not a sqlite:///<path> URI")
-        db = sqlite_path(uri)
-        if db is None:
-            return   # in-memory
-        if not db.parent.is_dir():
-            raise NoisyRolloutError(f"MLflow store {safe}: folder {db.parent} does not exist")
-        if not os.access(db.parent, os.W_OK | os.X_OK):
-            raise NoisyRolloutError(f"MLflow store {safe}: folder {db.parent} is not writable")
-        if db.exists():
-            if not db.is_file() or not os.access(db, os.R_OK | os.W_OK):
-                raise NoisyRolloutError(f"MLflow store {safe}: {db} is not a readable and writable file")
-            with db.open("rb") as f:
-                head = f.read(16)
-            if head and head != b"SQLite format 3\x00":
-                raise NoisyRolloutError(f"MLflow store {safe}: {db} is not a SQLite database")
-        return
-    scheme = urllib.parse.urlsplit(uri).scheme.lower()
-    if scheme in ("http", "https"):
-        parts = urllib.parse.urlsplit(uri)
-        netloc = parts.netloc.rsplit("@", 1)[-1]   # no credentials in the request line
-        health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
-        try:
-            with urllib.request.urlopen(urllib.request.Request(health, method="GET"),
-                                        timeout=HEALTH_TIMEOUT_S) as resp:
-                status = resp.status
-        except urllib.error.HTTPError as e:
-            raise NoisyRolloutError(f"MLflow store {safe}: GET /health answered HTTP {e.code}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise NoisyRolloutError(f"MLflow store {safe}: not reachable ({_first_line(reason)})") from None
-        if status != 200:
-            raise NoisyRolloutError(f"MLflow store {safe}: GET /health answered HTTP {status}")
-        return
-    client = _client(uri)
-    with _mlflow_errors(uri, "listing registered models"):
-        client.search_registered_models(max_results=1)
 
 
 # -- register ----------------------------------------------------------------------------------------------------
@@ -413,3 +352,75 @@ def format_state(state: dict, decision: dict | None = None, *, limit: int = 5) -
     if len(state.get("versions", [])) > limit:
         lines.append(f"  ... {len(state['versions']) - limit} older version(s)")
     return "\n".join(lines)
+
+
+# -- what a version records: code, data, parameters, and its model card -----------------------------------------
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def data_hashes(repo: Path = Path(".")) -> dict[str, str]:
+    """The versions of the data a model saw: data.dvc's hash, and the prepared tables' hash from dvc.lock."""
+    import yaml
+
+    out: dict[str, str] = {}
+    if (repo / "data.dvc").is_file():
+        spec = yaml.safe_load((repo / "data.dvc").read_text()) or {}
+        for o in spec.get("outs", []):
+            out[f"data.{o.get('path')}"] = str(o.get("md5"))
+    if (repo / "dvc.lock").is_file():
+        lock = yaml.safe_load((repo / "dvc.lock").read_text()) or {}
+        for o in lock.get("stages", {}).get("prepare", {}).get("outs", []):
+            out[f"prepared.{o.get('path')}"] = str(o.get("md5"))
+    return out
+
+
+KEY_PARAMS = ("seed", "model.base", "rollout.n_clean", "rollout.n_noisy", "noise.distortion", "noise.alpha0",
+              "noise.anneal", "train.lr", "train.steps", "train.prompts_per_step", "train.estimator", "sft.enabled")
+
+
+def key_params(params: Params) -> dict[str, str]:
+    out = {}
+    for key in KEY_PARAMS:
+        node: Any = params
+        for part in key.split("."):
+            node = getattr(node, part)
+        out[key] = str(node)
+    return out
+
+
+def version_tags(params: Params, experiment: str | None = None) -> dict[str, str]:
+    """A new version's tags: `git_commit` (`-dirty` with uncommitted changes), `data_hash.*`, `param.*`, and
+    `dvc_experiment` under `dvc exp run`."""
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    hashes = data_hashes()
+    tags = {"git_commit": f"{commit}{'-dirty' if dirty else ''}" if commit else "unknown",
+            "data_hashes": ", ".join(f"{k}={v}" for k, v in hashes.items()) or "unknown",
+            **{f"data_hash.{k}": v for k, v in hashes.items()},
+            **{f"param.{k}": v for k, v in key_params(params).items()}}
+    if experiment:
+        tags["dvc_experiment"] = experiment
+    return tags
+
+
+def model_card(params: Params, metrics: dict[str, Any], tags: dict[str, str]) -> str:
+    """The version's description: what the policy is, its data, evaluation, key parameters, and how to load it."""
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if k.endswith("accuracy"))
+    knobs = "\n".join(f"| {k} | {v} |" for k, v in key_params(params).items())
+    return (f"# {params.registry.model_name}\n\n"
+            f"NoisyRollout GRPO policy (arXiv 2504.13055): each prompt's group mixes {params.rollout.n_clean} clean and "
+            f"{params.rollout.n_noisy} distorted-image rollouts ({params.noise.distortion}, alpha0 {params.noise.alpha0}, "
+            f"{params.noise.anneal} annealing); the update scores every response on the clean image.\n\n"
+            f"Base policy: `{params.model.base}`; trained on `{params.data.train}` ({params.data.train_split}).\n"
+            f"Code: git {tags.get('git_commit', 'unknown')}; data: {tags.get('data_hashes', 'unknown')}.\n\n"
+            f"## Evaluation (greedy)\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+            f"## Key parameters\n\n| parameter | value |\n|---|---|\n{knobs}\n\n"
+            f"## Load\n\n```python\nimport mlflow\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+            f"mlflow.set_tracking_uri('sqlite:///mlruns.db')  # or your MLFLOW_TRACKING_URI\n"
+            f"path = mlflow.artifacts.download_artifacts('models:/{params.registry.model_name}@champion')\n"
+            f"model = AutoModelForImageTextToText.from_pretrained(path)\nprocessor = AutoProcessor.from_pretrained(path)\n```\n")

@@ -68,7 +68,8 @@ def local_gradient(model: Any, processor: Any, records: list[dict], params: Para
     from noisyrollout.train.optim import TorchOptimizer
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    real = TorchOptimizer(trainable, lr=1e-30, weight_decay=0.0, warmup_steps=0, total_steps=10, max_grad_norm=1e9)
+    real = TorchOptimizer(trainable, lr=1e-30, weight_decay=0.0, betas=(0.9, 0.99), warmup_steps=0, total_steps=10,
+                          max_grad_norm=1e9)
     capture = _Capture(real.backward, lambda: torch.cat([p.grad.flatten() for p in trainable]), real.step)
     return probe(model, processor, records, params, 0, 1, responses, rewards, capture, Collective(1))
 

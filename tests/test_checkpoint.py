@@ -1,6 +1,12 @@
 """Atomic checkpoints: only complete folders are ever found; old ones are pruned."""
 
+import shutil
+from pathlib import Path
+
+from noisyrollout.sources import import_closure
 from noisyrollout.train import checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_half_written_checkpoints_are_never_loaded(tmp_path):
@@ -46,14 +52,39 @@ def test_fingerprint_ignores_logging_but_not_the_algorithm_or_the_run_length():
     assert checkpoint.params_fingerprint(other.model_dump(mode="json")) != fp
 
 
-def test_code_identity_changes_with_any_source_file(tmp_path):
-    package = tmp_path / "pkg"
-    (package / "train").mkdir(parents=True)
-    (package / "train" / "step.py").write_text("x = 1\n")
-    (package / "notes.txt").write_text("not code")
-    before = checkpoint.code_identity(package)
-    (package / "notes.txt").write_text("still not code")
-    assert checkpoint.code_identity(package) == before
-    (package / "train" / "step.py").write_text("x = 2\n")
-    assert checkpoint.code_identity(package) != before
-    assert len(checkpoint.code_identity()) == 64           # the installed package itself
+def _project_copy(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    for package in ("noisyrollout", "pipelines", "eval"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path}: {old!r} not found"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_code_identity_is_the_training_code_alone(tmp_path):
+    """Resume survives edits to what training does not run (CLI help, the registry's model card, the grader of
+    `evaluate`); an edit to the loss is another run."""
+    root = _project_copy(tmp_path)
+    before = checkpoint.code_identity(root)
+    assert before == checkpoint.code_identity(REPO)           # the copy is the project itself
+    _edit(root / "pipelines/cli.py", '"""List every parameter', '"""Print every parameter')
+    _edit(root / "pipelines/registry.py", "NoisyRollout GRPO policy", "A NoisyRollout GRPO policy")
+    _edit(root / "eval/grading.py", "from __future__ import annotations", "from __future__ import annotations  # edited")
+    (root / "README.md").write_text("not code")
+    assert checkpoint.code_identity(root) == before
+    _edit(root / "noisyrollout/algo/loss.py", "from __future__ import annotations",
+          "from __future__ import annotations\nCLIP_EDITED = True")
+    assert checkpoint.code_identity(root) != before
+
+
+def test_the_training_closure_holds_the_step_and_not_the_orchestration():
+    files = {str(p.relative_to(REPO)) for p in import_closure(checkpoint.TRAINING_MODULES)}
+    assert {"noisyrollout/train/step.py", "noisyrollout/algo/loss.py", "noisyrollout/algo/advantages.py",
+            "noisyrollout/algo/augment.py", "noisyrollout/algo/reward.py", "noisyrollout/train/scoring.py",
+            "noisyrollout/rollout/hf_engine.py", "noisyrollout/config.py"} <= files
+    assert not {f for f in files if f.startswith(("pipelines/", "eval/"))}
+    assert "noisyrollout/train/sft.py" not in files

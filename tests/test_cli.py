@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from noisyrollout.cli import app
+from pipelines.cli import app
 
 TOY = [
     "data.sizes={train: 48, val: 24, test: 24, ood: 24}", "model.tiny.vocab_size=400",
@@ -48,9 +48,12 @@ def test_embedded_pipeline_end_to_end(workdir):
     assert set(report) >= {"sft", "rl", "val_accuracy_gain"}
     (final,) = (rl / "checkpoints").glob("*/step_000002")                     # the final step is checkpointed too
     assert (final / "hf/config.json").exists()
-    # the DAG's stages ran in this process: gate, evaluation, registry
-    assert json.loads((workdir / "reports/gate.json").read_text())["success"] is True
-    promotion = json.loads((workdir / "reports/promotion.json").read_text())
+    # the DAG's stages ran in this process: gate, evaluation, registry; with -S overrides it is an ad-hoc run, so
+    # each stage's reports lie beside its own outputs and the DAG's reports/ stays untouched
+    assert not (workdir / "reports").exists()
+    assert json.loads((workdir / "runs/data_docs/reports/gate.json").read_text())["success"] is True
+    assert json.loads((workdir / "runs/embedded/eval/reports/eval.json").read_text())["mean_accuracy"] >= 0
+    promotion = json.loads((rl / "reports/promotion.json").read_text())
     assert promotion["decision"] == "promoted" and promotion["champion_after"] == "1"
     # another parameter set trains beside the first (its own checkpoint folder), never resuming the other's
     other = invoke(*with_overrides("train", extra=("rollout.n_noisy=0", "rollout.n_clean=4")))
@@ -163,8 +166,9 @@ def test_before_after_without_sft_has_no_before_column(tmp_path):
 def test_the_cli_and_the_light_stages_do_not_import_torch():
     """Every DAG stage is a fresh process: the CLI, the parameters and the stages without a model (prepare, the GX
     gate, the registry) must not pay for torch / torchvision / transformers (~3 s per process on 2 cores)."""
-    code = ("import sys, noisyrollout, noisyrollout.cli, noisyrollout.stages, noisyrollout.data.loaders, "
-            "pipelines.validate, pipelines.registry\n"
+    code = ("import sys, noisyrollout, pipelines.cli, pipelines.stages.prepare, pipelines.stages.validate, "
+            "pipelines.stages.register, pipelines.stages.promote, noisyrollout.data.loaders, pipelines.gate, "
+            "pipelines.registry\n"
             "from noisyrollout.config import load_params\n"
             "load_params('params.yaml', ['noise.distortion=crop_fill'])\n"
             "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'ray', 'deepspeed') if m in sys.modules))\n"

@@ -62,6 +62,43 @@ def test_changed_eval_param_reruns_only_evaluate_and_what_follows(repo):
     assert int(register["version"]) == (3 if "register" in ran(result) else 2)
 
 
+def _changed_stages(repo) -> set[str]:
+    return set(json.loads(run(repo, "dvc", "status", "--json").stdout or "{}"))
+
+
+@pytest.mark.parametrize("file, old, new, stage", [
+    ("eval/grading.py", "def grade_prediction(", "def _edited():\n    pass\n\n\ndef grade_prediction(", "evaluate"),
+    ("noisyrollout/train/sft.py", "from __future__ import annotations",
+     "from __future__ import annotations\nEDITED = True", "sft"),
+])
+def test_an_edit_of_the_code_a_stage_runs_marks_that_stage_changed(repo, file, old, new, stage):
+    """The stage's deps are its import closure: an edit of the grader shows `evaluate` changed, an edit of the SFT
+    code `sft` (and nothing else until they rerun)."""
+    path = repo / file
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    try:
+        assert _changed_stages(repo) == {stage}
+    finally:
+        path.write_text(text)
+    assert _changed_stages(repo) == set()
+
+
+def test_an_ad_hoc_run_leaves_the_dag_records_alone(repo):
+    """README's GRPO-baseline line: an ad-hoc `noisyrollout train` with overrides writes its reports beside its
+    output_dir, strict JSON (null for the noisy reward of a run without noisy rollouts), and `dvc status` stays clean."""
+    before = run(repo, "dvc", "metrics", "show", "--json").stdout
+    run(repo, "noisyrollout", "train", "-S", "rollout.n_noisy=0", "-S", "rollout.n_clean=4",
+        "-S", "train.output_dir=runs/grpo")
+    assert _changed_stages(repo) == set()
+    assert run(repo, "dvc", "metrics", "show", "--json").stdout == before
+    text = (repo / "runs/grpo/reports/train.json").read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a metrics file"))
+    assert report["train_reward_noisy_first10"] is None and report["steps"] == 2
+    assert (repo / "runs/grpo/reports/plots/training.csv").is_file()
+
+
 def test_gate_stops_a_corrupted_table_before_train(repo):
     train = repo / "data/corpus/train.parquet"
     table = pq.read_table(train)

@@ -10,13 +10,14 @@ import torch
 from noisyrollout.train.optim import TorchOptimizer, adamw
 
 LR, WARMUP, TOTAL = 1e-3, 4, 12
+BETAS = (0.9, 0.99)
 
 
-def _lrs(schedule: str, warmup_steps: int = WARMUP, steps: int = TOTAL) -> list[float]:
+def _lrs(schedule: str, warmup_steps: int = WARMUP, steps: int = TOTAL, min_lr_rate: float = 0.1) -> list[float]:
     """The learning rate each optimizer step runs with (read before the step)."""
     weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = TorchOptimizer([weight], lr=LR, weight_decay=0.0, warmup_steps=warmup_steps, total_steps=steps,
-                               max_grad_norm=1.0, schedule=schedule)
+    optimizer = TorchOptimizer([weight], lr=LR, weight_decay=0.0, betas=BETAS, warmup_steps=warmup_steps,
+                               total_steps=steps, max_grad_norm=1.0, schedule=schedule, min_lr_rate=min_lr_rate)
     lrs = []
     for _ in range(steps):
         lrs.append(optimizer.lr)
@@ -46,7 +47,15 @@ def test_no_warmup_runs_at_the_peak_or_decays_from_it() -> None:
 
 def test_adamw_skips_frozen_parameters_and_sets_its_options() -> None:
     frozen, live = torch.nn.Parameter(torch.ones(2), requires_grad=False), torch.nn.Parameter(torch.ones(2))
-    optimizer, scheduler = adamw([frozen, live], lr=LR, weight_decay=0.01, warmup_steps=0, total_steps=5)
+    optimizer, scheduler = adamw([frozen, live], lr=LR, weight_decay=0.01, betas=(0.8, 0.95), warmup_steps=0,
+                                 total_steps=5)
     [group] = optimizer.param_groups
-    assert group["params"] == [live] and group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0.01
+    assert group["params"] == [live] and group["betas"] == (0.8, 0.95) and group["weight_decay"] == 0.01
     assert scheduler.get_last_lr() == [LR]
+
+
+def test_the_cosine_floor_is_min_lr_rate_and_required() -> None:
+    assert _lrs("cosine", warmup_steps=0, steps=2, min_lr_rate=0.3) == pytest.approx([LR * 0.65, LR * 0.3])
+    with pytest.raises(ValueError, match="min_lr_rate"):
+        adamw([torch.nn.Parameter(torch.ones(2))], lr=LR, weight_decay=0.0, betas=BETAS, warmup_steps=0,
+              total_steps=5, schedule="cosine")

@@ -1,4 +1,5 @@
-"""The offline DVC plots page: real dvc, real vl-convert, real headless Chromium (skipped when absent)."""
+"""The offline DVC plots page: real dvc, real vl-convert, real headless Chromium driven by Playwright
+(Debian's chromium, skipped when absent)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ PLOTS = {  # name -> title, in dvc.yaml order
 }
 DVC_PURPLE = (0x94, 0x5D, 0xD6)  # DVC's colour for the workspace revision
 NO_CHROMIUM = "chromium not installed (apt-get install chromium)"
+needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                                    reason=NO_CHROMIUM)
 
 
 def _dvc(repo: Path, *args: str) -> None:
@@ -111,8 +114,7 @@ def test_page_is_self_contained_and_names_every_plot(page):
         assert _share(bars, DVC_PURPLE) > 0.10, "eval bars are missing"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
-                    reason=NO_CHROMIUM)
+@needs_chromium
 def test_page_draws_in_chromium_without_network(page, tmp_path):
     shot = tmp_path / "shot.png"
     errors = screenshot(page, shot, width=1200, height=900)
@@ -141,10 +143,68 @@ def test_page_draws_in_chromium_without_network(page, tmp_path):
     assert any("vegaEmbed is not defined" in e for e in errors), errors
 
 
+# A white page with one blue box and, in the erroneous variant, one error of each kind screenshot reports.
+BOX = (20, 120, 200)
+BOX_PAGE = """<!DOCTYPE html><html><body style="margin:0;background:#fff">
+<div style="width:200px;height:120px;background:rgb(20,120,200)"></div>
+<div style="height:1500px"></div>
+<script>{script}</script></body></html>
+"""
+JS_ERRORS = ('console.error("plot", 3, "failed to draw");'
+             'document.body.append(Object.assign(new Image(), {src: "missing.png"}));'
+             'undefinedFunction();')
+
+
+@needs_chromium
+def test_screenshot_reports_js_errors(tmp_path):
+    page = tmp_path / "errors.html"
+    page.write_text(BOX_PAGE.format(script=JS_ERRORS))
+    errors = screenshot(page, tmp_path / "errors.png", width=400, height=300, timeout=30)
+    assert "console.error: plot 3 failed to draw" in errors, errors
+    assert "uncaught: ReferenceError: undefinedFunction is not defined" in errors, errors
+    assert any(e.startswith("failed request: ") and "missing.png" in e and "ERR_FILE_NOT_FOUND" in e
+               for e in errors), errors
+    assert len(errors) == 3, errors  # Chromium's own "Failed to load resource" line is not a second error
+    assert all("\n" not in e for e in errors)
+    with Image.open(tmp_path / "errors.png") as img:
+        assert img.size == (400, 300)  # still a screenshot: errors are returned, not raised
+
+
+@needs_chromium
+def test_screenshot_of_a_correct_page_is_not_blank(tmp_path):
+    page = tmp_path / "ok.html"
+    page.write_text(BOX_PAGE.format(script='document.body.dataset.ok = "1";'))
+    shot = tmp_path / "ok.png"
+    assert screenshot(page, shot, width=400, height=300, timeout=30) == []
+    with Image.open(shot) as img:
+        assert img.format == "PNG" and img.size == (400, 300)
+        box = _share(img, BOX, tol=10)
+        white = _share(img, (255, 255, 255), tol=5)
+    assert abs(box - 200 * 120 / (400 * 300)) < 0.01, f"the box is {box:.1%} of the screenshot, not 20%"
+    assert white > 0.75, f"only {white:.1%} white"
+    full = tmp_path / "full.png"
+    assert screenshot(page, full, width=400, height=300, timeout=30, full_page=True) == []
+    with Image.open(full) as img:
+        assert img.width == 400 and img.height >= 120 + 1500
+
+
+@needs_chromium
+def test_screenshot_times_out_on_a_page_that_never_loads(tmp_path):
+    page = tmp_path / "busy.html"
+    page.write_text("<!DOCTYPE html><html><body><script>while (true) {}</script></body></html>")
+    with pytest.raises(TimeoutError, match="within 3 s"):
+        screenshot(page, tmp_path / "busy.png", timeout=3)
+    assert not (tmp_path / "busy.png").exists()
+
+
 def test_screenshot_names_the_package_when_chromium_is_missing(page, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="chromium"):
         screenshot(page, tmp_path / "x.png")
+    with pytest.raises(NoisyRolloutError, match=r"apt-get install -y chromium\)$") as info:
+        screenshot(page, tmp_path / "x.png")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_no_plots_is_an_error(tmp_path):

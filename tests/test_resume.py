@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from noisyrollout.cli import app
+from pipelines.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def _flags(extra=()):
 
 
 def _train_cmd(out: str) -> list[str]:
-    return [sys.executable, "-m", "noisyrollout.cli", "train", *_flags([f"train.output_dir={out}"])]
+    return [sys.executable, "-m", "pipelines.cli", "train", *_flags([f"train.output_dir={out}"])]
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -22,6 +22,7 @@ def scale_params(corpus_dir, out_dir, **sections) -> Params:
         "data": {"prepared_dir": str(corpus_dir), "min_pixels": 3136, "max_pixels": 3136},
         "rollout": {"n_clean": 2, "n_noisy": 2, "max_new_tokens": 24},
         "noise": {"distortion": "crop_fill", "alpha0": 0.2},
+        "sft": {"fraction": None},   # the learners' prompts are the first train records, as the one-process side's
         "train": {"prompts_per_step": 3, "steps": 2, "lr": 1e-30, "max_grad_norm": 1e9, "output_dir": str(out_dir)},
         "cluster": {"num_learners": 2, "cpus_per_learner": 1},
         "checkpoint": {"every": 0, "resume": "never"},
@@ -161,8 +162,8 @@ def test_each_schedule_gets_a_valid_default_coefficient():
 
     for mode, coef in (("exp", 0.9), ("pow", 2.0), ("sigmoid", 30.0)):
         noise = load_params(None, [f"noise.anneal={mode}"]).noise
-        assert noise.anneal_coef == coef
-        values = [anneal(s, 5000, mode, noise.anneal_coef, noise.anneal_mid_step) for s in range(5001)]
+        assert noise.anneal_coef is None and noise.resolved_anneal_coef == coef   # params keep the null
+        values = [anneal(s, 5000, mode, noise.resolved_anneal_coef, noise.anneal_mid_step) for s in range(5001)]
         assert all(1.0 >= a >= b >= 0.0 for a, b in zip(values, values[1:])), mode   # no negative alpha, no overflow
         assert values[0] > 0.5 and values[-1] < 1e-6, mode
     # a local trainer has one learner, whatever cluster.num_learners says
@@ -257,7 +258,7 @@ def test_sft_disabled_trains_the_base_model_and_reports_without_sft(tmp_path, mo
 
     from typer.testing import CliRunner
 
-    from noisyrollout.cli import app
+    from pipelines.cli import app
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
@@ -271,4 +272,5 @@ def test_sft_disabled_trains_the_base_model_and_reports_without_sft(tmp_path, mo
     assert not (tmp_path / "runs/embedded/sft/model/model.safetensors").exists()   # nothing fine-tuned
     report = (tmp_path / "runs/embedded/rl/report.md").read_text()
     assert "(no SFT)" in report
-    assert json.loads((tmp_path / "reports/sft.json").read_text()) == {"enabled": False}
+    assert not (tmp_path / "reports").exists()   # an ad-hoc run (-S overrides): its reports lie beside its outputs
+    assert json.loads((tmp_path / "runs/embedded/sft/reports/sft.json").read_text()) == {"enabled": False}

@@ -21,7 +21,7 @@ def _setup(tiny_model_dir, corpus_dir, **rollout):
     params = Params.model_validate({
         "data": {"train": str(corpus_dir)},
         "rollout": {"n_clean": 2, "n_noisy": 2, "max_new_tokens": 8, **rollout},
-        "noise": {"alpha0": 600, "anneal": "none"},
+        "noise": {"distortion": "gaussian", "alpha0": 600, "anneal": "none"},
         "train": {"prompts_per_step": 3, "lr": 1e-3},
     })
     processor = load_processor(tiny_model_dir)
@@ -31,8 +31,8 @@ def _setup(tiny_model_dir, corpus_dir, **rollout):
     records = load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136, limit=3)
     batch = PromptBatch(images=[r["image"] for r in records], problems=[r["problem"] for r in records],
                         answers=[r["answer"] for r in records])
-    optimizer = TorchOptimizer(model.parameters(), lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=1,
-                               max_grad_norm=1.0)
+    optimizer = TorchOptimizer(model.parameters(), lr=1e-3, weight_decay=0.0, betas=(0.9, 0.99), warmup_steps=0,
+                               total_steps=1, max_grad_norm=1.0)
     return params, processor, model, engine, batch, optimizer
 
 
@@ -392,12 +392,13 @@ def test_rl_prompts_exclude_the_sft_examples(tiny_model_dir, corpus_dir):
     every = [r["id"] for r in load_records(str(corpus_dir), "train", min_pixels=3136, max_pixels=3136)]
     assert len(every) == 90
     for overrides, first in (({"sft": {"fraction": 1 / 3}}, 30), ({"sft": {"fraction": 1 / 3, "enabled": False}}, 0),
-                             ({}, 0)):
+                             ({"sft": {"fraction": None}}, 0)):
         params = Params.model_validate({"data": {"prepared_dir": str(corpus_dir)}, **overrides})
         assert params.rl_first_example(90) == first
         learner = Learner(0, 1, params.model_dump(mode="json"), str(tiny_model_dir), distributed=False)
         assert learner.setup() == 90 - first
         assert [r["id"] for r in learner.records] == every[first:]
     params = Params.model_validate({"sft": {"fraction": 1 / 3}})
-    assert params.sft_examples(90) == 30 and Params().sft_examples(90) == 90   # SFT's share: the first 30, or all
+    whole = Params.model_validate({"sft": {"fraction": None}})
+    assert params.sft_examples(90) == 30 and whole.sft_examples(90) == 90   # SFT's share: the first 30, or all
     assert Params.model_validate({"sft": {"fraction": 2 / 3}}).sft_examples(3000) == 2000

@@ -1,4 +1,4 @@
-"""The Great Expectations gate (`pipelines/validate.py`) on tiny prepared tables, with real GX: a clean table passes
+"""The Great Expectations gate (`pipelines/gate.py`) on tiny prepared tables, with real GX: a clean table passes
 and gets Data Docs; each kind of corrupted row fails exactly the expectation it should, naming exactly those rows."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.validate import run_gate
+from pipelines.gate import run_gate
 
 MIN_PX, MAX_PX = 784, 4096 * 4096
 N_ROWS = 8

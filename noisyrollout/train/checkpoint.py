@@ -87,15 +87,19 @@ def init_identity(init: str | Path) -> str:
     return h.hexdigest()
 
 
-def code_identity(root: str | Path | None = None) -> str:
-    """A SHA-256 of the training code (every .py file of the `noisyrollout` package): after a code change (`dvc repro`
-    reruns `train`) the run starts fresh instead of resuming the old code's final checkpoint."""
-    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for file in sorted(root.rglob("*.py")):
-        h.update(str(file.relative_to(root)).encode())
-        h.update(file.read_bytes())
-    return h.hexdigest()
+# The modules a training run executes: the driver, its learners (in-process or Ray/DeepSpeed), their engines.
+# `code_identity` hashes their import closure (noisyrollout/sources.py), so CLI help, the registry, the evaluation
+# or the README can change without restarting a run, and an edit to anything the trainer runs starts it fresh.
+TRAINING_MODULES = ("noisyrollout.train.driver", "noisyrollout.train.launcher", "noisyrollout.train.learner")
+
+
+def code_identity(root: str | Path | None = None, modules: tuple[str, ...] = TRAINING_MODULES) -> str:
+    """A SHA-256 of the training code (the import closure of `modules` under `root`, default this repository):
+    after a change to it (`dvc repro` reruns `train`) the run starts fresh instead of resuming the old code's final
+    checkpoint."""
+    from noisyrollout.sources import REPO_ROOT, code_hash
+
+    return code_hash(modules, Path(root) if root is not None else REPO_ROOT)
 
 
 def params_fingerprint(params: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:

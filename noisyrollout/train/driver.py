@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from noisyrollout.config import Params
 from noisyrollout.errors import NoisyRolloutError
+from noisyrollout.report import plot_training
 from noisyrollout.timing import overhead
 from noisyrollout.train import checkpoint
 from noisyrollout.train.batching import batch_indices
@@ -189,12 +190,11 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
         model_dir = out_dir / "model"
         with overhead("train: checkpoints"):
             group.save_hf(model_dir)
+        png = plot_training(history, out_dir / "training.png")   # drawn once, here; the report stage only reads it
         run_id = None
         if tracker is not None:
-            from noisyrollout.tracking import plot_metrics
-
             with overhead("train: mlflow"):
-                tracker.log_figure_png(plot_metrics(history, out_dir / "training.png"))
+                tracker.log_figure_png(png)
                 tracker.log_artifact_dir(model_dir, "model")
                 tracker.finish()
             run_id = tracker.run_id

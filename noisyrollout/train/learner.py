@@ -26,31 +26,8 @@ from noisyrollout.models.load import load_policy
 from noisyrollout.rollout.hf_engine import HFEngine
 from noisyrollout.train.batching import seed_everything, shard_prompts
 from noisyrollout.train.metrics import RolloutScores, StepMetrics
-from noisyrollout.train.optim import TorchOptimizer, adamw
+from noisyrollout.train.optim import DeepSpeedOptimizer, TorchOptimizer, adamw
 from noisyrollout.train.step import Collective, PromptBatch, noisyrollout_step
-
-
-class DeepSpeedOptimizer:
-    """The `backward` / `step` / `lr` trio `noisyrollout_step` drives, on a DeepSpeed engine."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        """Accumulate the gradient of `loss`; `last` marks the final micro-batch before `step`, the gradient
-        accumulation boundary (ZeRO-2 otherwise keeps only the newest micro-batch's reduced gradients)."""
-        self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss)
-
-    def step(self) -> float:
-        """All-reduce (ZeRO), clip, step, schedule, zero grads; returns the global pre-clip gradient norm."""
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
-
-    @property
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
 
 
 def deepspeed_config(params: Params) -> dict[str, Any]:
@@ -118,7 +95,8 @@ class Learner:
                 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
             optimizer, scheduler = adamw(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                         warmup_steps=train.warmup_steps, total_steps=train.steps)
+                                         betas=train.adam_betas, warmup_steps=train.warmup_steps,
+                                         total_steps=train.steps)
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                         config=deepspeed_config(params))
             self.model = self.engine.module
@@ -127,8 +105,8 @@ class Learner:
         else:
             self.model = model
             self.optimizer = TorchOptimizer(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                            warmup_steps=train.warmup_steps, total_steps=train.steps,
-                                            max_grad_norm=train.max_grad_norm)
+                                            betas=train.adam_betas, warmup_steps=train.warmup_steps,
+                                            total_steps=train.steps, max_grad_norm=train.max_grad_norm)
             self.collective = Collective(1)
         self.rollout_engine = self._rollout_engine()
         records = load_records(str(params.data.prepared_dir), "train", min_pixels=params.data.min_pixels,

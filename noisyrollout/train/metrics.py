@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
+from noisyrollout.files import dumps
+
 
 @dataclass
 class RolloutScores:
@@ -105,7 +107,8 @@ class StepMetrics:
 
 
 class MetricsLog:
-    """Append-only JSON-lines file of step metrics (the one place every step is recorded)."""
+    """Append-only JSON-lines file of step metrics (the one place every step is recorded); strict JSON: a nan
+    metric (reward_noisy without noisy rollouts) is written as null and read back as None."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -113,11 +116,11 @@ class MetricsLog:
 
     def append(self, metrics: StepMetrics) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(asdict(metrics)) + "\n")
+            f.write(dumps(asdict(metrics)) + "\n")
 
     def rewrite(self, rows: Sequence[dict]) -> None:
         """Replace the file with `rows` (a resumed run keeps exactly the steps its checkpoint holds)."""
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.path.write_text("".join(dumps(r) + "\n" for r in rows))
 
     def read(self) -> list[dict]:
         if not self.path.exists():

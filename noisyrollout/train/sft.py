@@ -42,9 +42,9 @@ def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params
     """Train `model` in place for `params.sft.steps`; returns the per-step losses."""
     cfg = params.sft
     model.train()
-    optimizer = TorchOptimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, max_grad_norm=1.0,
-                               schedule="cosine")
+    optimizer = TorchOptimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.adam_betas,
+                               warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, max_grad_norm=cfg.max_grad_norm,
+                               schedule="cosine", min_lr_rate=cfg.min_lr_rate)
     tokenizer = processor.tokenizer
     eos_id = model.generation_config.eos_token_id
     eos_id = eos_id[0] if isinstance(eos_id, list) else eos_id

@@ -143,7 +143,7 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
     t0 = time.perf_counter()
 
     # 1. Noise strength for this step, and one fresh distortion per image.
-    decay = anneal(step, total_steps, noise.anneal, noise.anneal_coef, noise.anneal_mid_step)
+    decay = anneal(step, total_steps, noise.anneal, noise.resolved_anneal_coef, noise.anneal_mid_step)
     noisy_images = None
     if roll.n_noisy > 0:
         noisy_images = [distort(img, noise.distortion, noise.alpha0, decay, generator) for img in batch.images]

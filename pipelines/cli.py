@@ -6,6 +6,7 @@ Every knob lives in params.yaml; `--set section.key=value` overrides it for one 
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from contextlib import contextmanager
@@ -32,35 +33,51 @@ def _user_errors(*extra: type[Exception]) -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
-def _run(stage: str | Callable, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path],
-         **kwargs) -> None:
-    """Load the parameters and call `stage` (a function of `noisyrollout.stages` by name, or any callable) with them."""
-    from noisyrollout import stages
-    from noisyrollout.config import load_params
-    from noisyrollout.timing import record_process
-
-    try:
-        with _user_errors():
-            params = load_params(params_path, overrides, recipe)
-            (getattr(stages, stage) if isinstance(stage, str) else stage)(params, **kwargs)
-    finally:
-        record_process(stage if isinstance(stage, str) else getattr(stage, "__name__", "stage"))
+def _stage_function(name: str) -> Callable:
+    """The function of DAG stage `name` (pipelines/stages/<name>.py), imported only when that stage runs."""
+    return getattr(importlib.import_module(f"pipelines.stages.{name}"), name)
 
 
-def _stage(name: str, doc: str) -> Callable:
+def _run(stage: Callable, params_path: Path, overrides: Optional[list[str]], recipe: Optional[Path], **kwargs) -> None:
+    """`stage(params, adhoc=..., **kwargs)` with the parameters loaded; a run with overrides or a recipe is ad hoc
+    (its reports go beside its outputs, never over the DAG's: pipelines/stages/common.py)."""
+    from pipelines.stages.common import run_stage
+
+    run_stage(stage, params_path, overrides, recipe, **kwargs)
+
+
+def _stage(name: str, doc: str, function: str | None = None) -> Callable:
     def command(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
-        _run(name.replace("-", "_"), params, set_, recipe)
+        module = name.replace("-", "_")
+        stage = _stage_function(module) if function is None else getattr(
+            importlib.import_module(f"pipelines.stages.{module}"), function)
+        _run(stage, params, set_, recipe)
     command.__doc__ = doc
-    return app.command(name)(command)
+    return app.command(name if function is None else function)(command)
 
 
-_stage("render-data", "Render the synthetic visual-reasoning corpus into data.corpus_dir (the raw data data.dvc versions).")
+def _plain(function: Callable) -> Callable:
+    """A function of `params` (and `log`) as a stage: it writes no reports, so `adhoc` does not concern it."""
+    def stage(params, adhoc: bool = False, **kwargs):
+        return function(params, **kwargs)
+    stage.__name__ = function.__name__
+    return stage
+
+
+@app.command("render-data")
+def render_data(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
+    """Render the synthetic visual-reasoning corpus into data.corpus_dir (the raw data data.dvc versions)."""
+    from pipelines.data import render
+
+    _run(_plain(render), params, set_, recipe)
+
+
 _stage("prepare", "Read data.train/val/test/ood into one schema -> data.prepared_dir/<split>.parquet.")
 _stage("validate", "Great Expectations gate over the prepared tables; Data Docs to gate.docs_dir.")
 _stage("build-model", "Train the tokenizer and build the tiny Qwen2.5-VL (embedded profile; else a no-op).")
 _stage("sft", "SFT warm start on <think>...</think> \\boxed{} targets, then validate (a no-op when sft.enabled is false).")
 _stage("train", "NoisyRollout GRPO from the SFT policy, then validate and write the before/after report.")
-_stage("report", "Print the before/after table and plot the training curves.")
+_stage("train", "Print the before/after table and write the training curves' CSV.", function="report")
 _stage("register", "Register the trained policy in the MLflow model registry (alias challenger).")
 
 
@@ -69,13 +86,13 @@ def promote_stage(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, 
                   version: Optional[str] = typer.Option(None, help="Judge this version instead of the one `register` "
                                                         "wrote (e.g. a sweep's winner); the same rule applies.")) -> None:
     """Move the champion alias to the challenger when it beats the champion by registry.margin."""
-    _run("promote", params, set_, recipe, version=version)
+    _run(_stage_function("promote"), params, set_, recipe, version=version)
 
 
 @app.command("evaluate")
 def evaluate_stage(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
-    """The DAG's evaluation stage: `eval` with the `eval` section of params.yaml, recording reports/eval.json."""
-    _run("evaluate", params, set_, recipe, record=True)
+    """The DAG's evaluation stage: `eval` with the `eval` section of params.yaml, recording eval.json."""
+    _run(_stage_function("evaluate"), params, set_, recipe)
 
 
 DAG = ("prepare", "validate", "build_model", "sft", "train", "evaluate", "register", "promote")
@@ -85,11 +102,14 @@ DAG = ("prepare", "validate", "build_model", "sft", "train", "evaluate", "regist
 def run_all(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
     """Every DAG stage in order in this process, without DVC (render-data first when data.corpus_dir is missing)."""
     from noisyrollout.config import load_params
+    from pipelines.data import render
 
-    if not Path(load_params(params, set_, recipe).data.corpus_dir).exists():
-        _run("render_data", params, set_, recipe)
+    with _user_errors():
+        corpus = Path(load_params(params, set_, recipe).data.corpus_dir)
+    if not corpus.exists():
+        _run(_plain(render), params, set_, recipe)
     for stage in DAG:
-        _run(stage, params, set_, recipe, **({"record": True} if stage == "evaluate" else {}))
+        _run(_stage_function(stage), params, set_, recipe)
 
 
 @app.command("restore-data")
@@ -98,7 +118,7 @@ def restore_data(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, r
     embedded corpus and check the render against data.dvc's hash (a mismatch is an error, never new data)."""
     from pipelines.data import restore
 
-    _run(restore, params, set_, recipe)
+    _run(_plain(restore), params, set_, recipe)
 
 
 @app.command("summary")
@@ -106,7 +126,7 @@ def summary(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe
     """What the last pipeline run produced: the before/after table, the evaluation and the registry state."""
     from pipelines.dag import print_summary
 
-    _run(print_summary, params, set_, recipe)
+    _run(_plain(print_summary), params, set_, recipe)
 
 
 @app.command("plots")
@@ -193,7 +213,7 @@ def eval_command(
              "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "min_pixels": min_pixels,
              "max_pixels": max_pixels, "batch_size": batch_size, "limit": limit}
     overrides = list(set_ or []) + [f"eval.{k}={v}" for k, v in flags.items() if v is not None]
-    _run("evaluate", params, overrides, recipe, predictions_from=predictions_from)
+    _run(_stage_function("evaluate"), params, overrides, recipe, predictions_from=predictions_from, record=False)
 
 
 @app.command("ablation")
@@ -213,24 +233,36 @@ def ablation(
     from pipelines import ablation as runner
 
     command = "noisyrollout ablation" + "".join(f" {a}" for a in sys.argv[2:])
-    _run(lambda p: runner.run(p, arms=[a.strip() for a in arms.split(",") if a.strip()], seeds=seeds,
+    _run(_plain(lambda p: runner.run(p, arms=[a.strip() for a in arms.split(",") if a.strip()], seeds=seeds,
                               extra=list(set_ or []), collect_prefix=collect, out_md=output, out_dir=out_dir,
-                              command=command), params, set_, None)
+                              command=command)), params, set_, None)
+
+
+@app.command("stage-deps")
+def stage_deps(write: bool = typer.Option(False, "--write", help="Rewrite dvc.yaml's code deps (comments kept)."),
+               dvc_yaml: Path = typer.Option(Path("dvc.yaml"), help="The DAG file.")) -> None:
+    """Check that every DVC stage's code deps are exactly the project code it runs (its module's import closure);
+    with --write, fix dvc.yaml. Exit 1 when they differ and --write is not given."""
+    from pipelines.dag import sync_stage_deps
+
+    changes = sync_stage_deps(dvc_yaml, write=write)
+    for stage, (add, drop) in changes.items():
+        typer.echo(f"{stage}: " + ", ".join([*(f"+{d}" for d in add), *(f"-{d}" for d in drop)]))
+    typer.echo(f"{dvc_yaml}: {'updated' if write and changes else 'up to date' if not changes else 'out of date'}")
+    if changes and not write:
+        raise typer.Exit(1)
 
 
 @app.command("params")
-def show_params() -> None:
-    """List every parameter with its default and description."""
-    from noisyrollout.config import Params
+def show_params(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt) -> None:
+    """List every parameter with the value the pipeline will use (params.yaml, --recipe and -S applied) and its
+    description."""
+    from noisyrollout.config import format_value, load_params, param_rows
 
-    def walk(model: type, prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and hasattr(ann, "model_fields"):
-                walk(ann, f"{prefix}{name}.")
-            else:
-                typer.echo(f"{prefix}{name} = {field.get_default(call_default_factory=True)!r}\n    {field.description or ''}")
-    walk(Params, "")
+    with _user_errors():
+        loaded = load_params(params, set_, recipe)
+    for key, value, description in param_rows(loaded):
+        typer.echo(f"{key} = {format_value(value)}\n    {description}")
 
 
 def main() -> None:
