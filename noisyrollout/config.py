@@ -236,6 +236,14 @@ class ClusterConfig(Section):
     zero_stage: int = Field(2, ge=0, le=2, description="DeepSpeed ZeRO stage of the learners (0-2; stage 3 partitions "
                             "the weights, which HF generate and save_pretrained need whole).")
     dashboard: bool = Field(False, description="Start the Ray dashboard (bound to 127.0.0.1) with a local cluster.")
+    placement: Literal["pack", "spread"] = Field("pack", description="Where the learners go: `pack` fills nodes in "
+                                                 "turn (Ray's PACK placement group); `spread` puts each learner on "
+                                                 "its own node (STRICT_SPREAD; needs as many nodes as learners).")
+    placement_timeout_s: float = Field(60.0, gt=0, description="How long the learners may wait for their placement "
+                                       "before the run stops, naming what the cluster lacks.")
+    storage: Path | None = Field(None, description="Folder for checkpoints that every node must reach (a shared "
+                                 "filesystem on a multi-node cluster); null = <train.output_dir>/checkpoints. Each "
+                                 "learner checks at start that it can write there.")
 
 
 class CheckpointConfig(Section):

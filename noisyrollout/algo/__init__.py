@@ -1,0 +1,1 @@
+"""The algorithm core, pure functions: distortions, schedules, advantages, loss, reward (SPEC)."""

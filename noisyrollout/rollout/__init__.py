@@ -1,0 +1,1 @@
+"""Rollouts: the Engine protocol, prompt encoding, the HF engine (CPU) and the vLLM engine (GPU)."""

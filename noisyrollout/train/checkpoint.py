@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -25,10 +26,34 @@ from typing import Any
 # another T is another run (it starts fresh in its own folder) instead of silently bending the schedule mid-way.
 RESUMABLE_CHANGES = ("train.log_every", "train.output_dir", "checkpoint", "tracking", "eval", "val", "gate",
                      "registry", "reports_dir", "orchestration",
-                     "cluster.address", "cluster.dashboard")
+                     "cluster.address", "cluster.dashboard", "cluster.placement", "cluster.placement_timeout_s",
+                     "cluster.storage")
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 STATE_FILE = "trainer_state.json"
+
+
+def checkpoints_root(params: Any) -> Path:
+    """Where a run's checkpoints go: `cluster.storage` (a folder every node reaches), else
+    `<train.output_dir>/checkpoints`; one subfolder per parameter set (the driver names it)."""
+    storage = params.cluster.storage
+    return Path(storage) if storage is not None else Path(params.train.output_dir) / "checkpoints"
+
+
+def check_writable(folder: Path, who: str) -> None:
+    """Raise NoisyRolloutError, one line naming `folder` and `who` (a learner and its node), unless a file can be
+    written there: checked by every learner at start, so a node that cannot reach the storage fails at once."""
+    from noisyrollout.errors import NoisyRolloutError
+
+    folder = Path(folder)
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise NoisyRolloutError(f"{who} cannot write checkpoints to {folder} ({exc.strerror or exc}); every node must "
+                                f"reach cluster.storage (a shared filesystem)") from None
 
 
 def staging_dir(root: Path, step: int) -> Path:

@@ -146,12 +146,14 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
     core = checkpoint.params_fingerprint(dumped, ignore=("train.steps",))
     # one folder per parameter set: a sweep or a changed knob (dvc repro) starts fresh beside the old checkpoints
     # instead of mixing them in, and switching back resumes the old set
-    ckpt_root = out_dir / "checkpoints" / fingerprint[:12]
+    ckpt_root = checkpoint.checkpoints_root(params) / fingerprint[:12]
     resume_from = _resume_point(params, ckpt_root, fingerprint, core, log)   # checked before any learner starts
     tracker = None
     group: LearnerGroup | None = None
     try:
         group = group_factory(params, init_dir)   # timed inside (timing.overhead "train: start learners: ...")
+        for line in getattr(group, "placement", []):   # where each Ray learner runs
+            log(line)
         history: list[dict[str, Any]] = []
         start, run_id = 0, None
         if resume_from is not None:

@@ -1,6 +1,7 @@
 """The Ray learner group: builds (or joins) the Ray cluster and drives W DeepSpeed learner actors together.
 
     learners  = [RayLearner actor for r in range(cluster.num_learners)]   cluster.* in params.yaml
+    placement = one bundle per learner in a placement group: PACK, or STRICT_SPREAD (one learner per node)
     rendezvous: rank 0's Ray node IP and a free port on it (gloo on CPU, nccl on GPU)
     each call = the same method on every learner; the first failure is reported as the run's error (a peer
                 blocked in a collective would otherwise surface later as a timeout), and every actor is killed
@@ -12,15 +13,23 @@ The batch arithmetic (which learner gets which prompts) is in batching.py, the l
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from noisyrollout.config import Params
 from noisyrollout.errors import NoisyRolloutError
 from noisyrollout.timing import overhead
+from noisyrollout.train.checkpoint import check_writable, checkpoints_root
 from noisyrollout.train.learner import Learner, free_port
 from noisyrollout.train.metrics import StepMetrics
+
+
+ROOT_CAUSE_GRACE_S = 10.0   # how long a failed call waits for a dead learner to be reported (see RayGroup._failure)
 
 
 class RayLearner(Learner):
@@ -30,6 +39,14 @@ class RayLearner(Learner):
         import ray
 
         return ray.util.get_node_ip_address()   # routable; gethostbyname(gethostname()) may be 127.0.1.1
+
+    def node(self) -> dict[str, str]:
+        """Where this learner runs: its Ray node's id and IP; and a check that it can write the checkpoints."""
+        import ray
+
+        node = {"node_id": ray.get_runtime_context().get_node_id(), "ip": self.node_ip()}
+        check_writable(checkpoints_root(self.params), f"node {node['node_id'][:8]} ({node['ip']})")
+        return node
 
     def free_port(self) -> int:
         return free_port()
@@ -62,6 +79,37 @@ def start_ray(params: Params) -> bool:
 class RayGroup:
     """The learner actors of one run, called together; see the module docstring."""
 
+    def _place(self, cfg: Any) -> Any:
+        """A placement group with one bundle per learner: PACK (`cluster.placement: pack`) or STRICT_SPREAD (`spread`,
+        one learner per node). A cluster that cannot hold it stops the run after `cluster.placement_timeout_s`, in one
+        line saying what it has."""
+        ray = self.ray
+        bundle = {"CPU": float(cfg.cpus_per_learner), **({"GPU": float(cfg.gpus_per_learner)} if cfg.gpus_per_learner else {})}
+        strategy = "STRICT_SPREAD" if cfg.placement == "spread" else "PACK"
+        pg = placement_group([dict(bundle) for _ in range(cfg.num_learners)], strategy=strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
+        if not ready:
+            remove_placement_group(pg)
+            alive = [n for n in ray.nodes() if n.get("Alive")]
+            have = ", ".join(f"{n['NodeManagerAddress']} ({n['Resources'].get('CPU', 0):g} CPU"
+                             f"{', %g GPU' % n['Resources']['GPU'] if n['Resources'].get('GPU') else ''})" for n in alive)
+            raise NoisyRolloutError(
+                f"cannot place {cfg.num_learners} learners with {bundle} each ({strategy}, cluster.placement="
+                f"{cfg.placement}) within {cfg.placement_timeout_s:g} s; the cluster has {len(alive)} node(s): {have}")
+        return pg
+
+    def _describe_placement(self) -> list[str]:
+        """'learner-r: node <id> (<ip>; <custom resources>)' per learner, from Ray's node table."""
+        table = {n["NodeID"]: n for n in self.ray.nodes()}
+        lines = []
+        for name, node in zip(self.names, self.nodes):
+            resources = table.get(node["node_id"], {}).get("Resources", {})
+            custom = sorted(k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                            and not k.startswith(("node:", "accelerator_type:")))
+            lines.append(f"{name}: node {node['node_id'][:8]} ({node['ip']}" + (f"; {', '.join(custom)}" if custom else "")
+                         + ")")
+        return lines
+
     def __init__(self, params: Params, init_dir: Path, learner_cls: type[RayLearner] = RayLearner) -> None:
         import ray
 
@@ -72,14 +120,21 @@ class RayGroup:
         run = uuid.uuid4().hex[:8]   # actor names unique per run: two runs can share an external cluster
         self.names = [f"learner-{r}" for r in range(cfg.num_learners)]
         self.actors: list[Any] = []
+        self.nodes: list[dict[str, str]] = []
+        self.placement: list[str] = []   # one line per learner: where it runs (the driver prints them)
+        self.pg = None
         try:
             actor = ray.remote(learner_cls)
             with overhead("train: start learners: actor processes"):
+                self.pg = self._place(cfg)
                 for r, name in enumerate(self.names):
                     self.actors.append(actor.options(
                         name=f"noisyrollout-{run}-{name}", num_cpus=cfg.cpus_per_learner,
                         num_gpus=cfg.gpus_per_learner, max_restarts=0, max_task_retries=0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                     ).remote(r, cfg.num_learners, params.model_dump(mode="json"), str(init_dir)))
+                self.nodes = self.call("node")
+                self.placement = self._describe_placement()
                 master_addr, master_port = self._gather([self.actors[0].node_ip.remote(),
                                                          self.actors[0].free_port.remote()], [0, 0])
             with overhead("train: start learners: setup (policy, DeepSpeed, data)"):
@@ -92,7 +147,7 @@ class RayGroup:
         return self._gather([getattr(a, method).remote(*args) for a in self.actors], range(len(self.actors)))
 
     def _gather(self, refs: list, ranks: Any) -> list[Any]:
-        """Results in order; the first learner to fail stops the call with its own error (the root cause)."""
+        """Results in order; a failed learner stops the call with its own error (the root cause, see `_failure`)."""
         ray, ranks = self.ray, list(ranks)
         pending = list(refs)
         while pending:
@@ -100,16 +155,56 @@ class RayGroup:
             try:
                 ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                name = self.names[ranks[refs.index(done[0])]]
+                error = self._root_cause(*self._failure(refs, ranks, done[0], exc, pending))
                 self.close()   # peers may be blocked in a collective with the failed learner
-                raise self._root_cause(name, exc) from None
+                raise error from None
         return ray.get(refs)
+
+    def _failure(self, refs: list, ranks: list, first: Any, exc: Exception, pending: list) -> tuple[str, Exception]:
+        """(learner, error) to report. A learner that died, or whose node was lost, is the root cause even when a
+        peer failed first: a peer in a collective with a dead process fails at once (its connection is reset),
+        while Ray reports the death only after its health checks. So the other calls get ROOT_CAUSE_GRACE_S to
+        fail too, and a dead learner (or one on a dead node) wins over a task error."""
+        ray = self.ray
+        failures = [(ranks[refs.index(first)], exc)]
+        if pending and isinstance(exc, ray.exceptions.RayTaskError):
+            deadline = time.monotonic() + ROOT_CAUSE_GRACE_S
+            while pending and time.monotonic() < deadline:
+                done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.01))
+                for ref in done:
+                    try:
+                        ray.get(ref)
+                    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as other:
+                        failures.append((ranks[refs.index(ref)], other))
+                if any(not isinstance(e, ray.exceptions.RayTaskError) for _, e in failures) or self._lost_nodes():
+                    break
+        died = [(r, e) for r, e in failures if not isinstance(e, ray.exceptions.RayTaskError)]
+        lost = self._lost_nodes()
+        on_lost = [(r, ray.exceptions.RayActorError()) for r, node in enumerate(self.nodes) if node["node_id"] in lost]
+        rank, cause = (died or on_lost or failures)[0]
+        return self.names[rank], cause
+
+    def _lost_nodes(self) -> set[str]:
+        """Ids of the learners' nodes that Ray has declared dead."""
+        if not self.nodes:
+            return set()
+        try:
+            alive = {n["NodeID"]: n.get("Alive") for n in self.ray.nodes()}
+        except Exception:   # the cluster itself is gone
+            return set()
+        return {node["node_id"] for node in self.nodes if alive.get(node["node_id"]) is False}
 
     def _root_cause(self, name: str, exc: Exception) -> NoisyRolloutError:
         ray = self.ray
         if isinstance(exc, ray.exceptions.RayActorError) and not isinstance(exc, ray.exceptions.RayTaskError):
-            return NoisyRolloutError(f"learner actor {name!r} died; the run stopped (resume with "
-                                     f"checkpoint.resume=auto)")
+            rank = self.names.index(name)
+            where = ""
+            if rank < len(self.nodes):
+                node = self.nodes[rank]
+                lost = node["node_id"] in self._lost_nodes() or "node" in str(exc).lower() and "died" in str(exc).lower()
+                where = f" on node {node['node_id'][:8]} ({node['ip']})" + (", which was lost," if lost else "")
+            return NoisyRolloutError(f"learner actor {name!r}{where} died; the run stopped (`noisyrollout train` "
+                                     f"again resumes from the last checkpoint: checkpoint.resume=auto)")
         cause = getattr(exc, "cause", None)
         if isinstance(cause, NoisyRolloutError):
             return NoisyRolloutError(f"{name}: {cause}")
@@ -138,6 +233,12 @@ class RayGroup:
             except Exception:   # already dead
                 pass
         self.actors = []
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception:   # the cluster is gone
+                pass
+            self.pg = None
         if self.started and self.ray.is_initialized():
             self.ray.shutdown()
             self.started = False
