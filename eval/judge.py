@@ -38,7 +38,8 @@ from typing import Any, Sequence
 
 import openai
 from pydantic import SecretStr
-from tqdm import tqdm
+
+from noisyrollout.progress import progress_bar
 
 log = logging.getLogger("noisyrollout.eval")
 
@@ -260,7 +261,7 @@ class Judge:
         if not requests:
             return []
         with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
-            return list(tqdm(pool.map(one, requests), total=len(requests), desc=desc, disable=not progress))
+            return list(progress_bar(pool.map(one, requests), total=len(requests), desc=desc, disable=not progress))
 
 
 def _clean(content: str) -> str | None:

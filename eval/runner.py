@@ -22,9 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from noisyrollout.errors import DataError
+from noisyrollout.progress import progress_bar
 from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
 
 from eval.benchmarks import (
@@ -111,7 +110,7 @@ def generate(engine: Engine, samples: Sequence[EvalSample], sampling: SamplingPa
     batch_size = max(1, batch_size)
     responses: list[str | None] = [None] * len(samples)
     todo = [i for i, s in enumerate(samples) if not s.unreadable]
-    bar = tqdm(total=len(todo), desc=desc, unit="q", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=desc, unit="q", disable=not progress)
     for start in range(0, len(todo), batch_size):
         batch, prompts = [], []
         for i in todo[start:start + batch_size]:
@@ -161,7 +160,7 @@ def grade_results(results: list[dict[str, Any]], *, judge: Judge | None = None, 
                   desc: str = "grade") -> list[dict[str, Any]]:
     """Grade result rows in place (prediction vs answer; choices when present); returns them."""
     fallback = []
-    for row in tqdm(results, desc=desc, unit="q", disable=not progress):
+    for row in progress_bar(results, desc=desc, unit="q", disable=not progress):
         for key in ("judge_answer", "judge_error"):
             row.pop(key, None)
         if row.get("unreadable") or row.get("prediction") is None:

@@ -47,6 +47,18 @@ def before_after(sft_val: dict | None, rl_val: dict, metrics_path: Path) -> tupl
     return "\n".join(lines), summary
 
 
+SMOOTH_STEPS = 10   # training.png's smoothed curves: the mean of the last this many steps
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last `window` values (fewer at the start), skipping nan; nan where all are nan."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if not math.isnan(v)]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
 def plot_training(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path:
     """training.png: reward on clean vs noisy rollouts, rollout accuracy and alpha_t per step, in three panels.
 
@@ -60,14 +72,20 @@ def plot_training(rows: Sequence[Mapping[str, Any]], out_png: Path) -> Path:
     def col(key: str) -> list[float]:
         return [math.nan if (v := finite_or_none(r.get(key))) is None else v for r in rows]
 
+    def curve(ax: Any, key: str, colour: str, label: str | None = None) -> None:
+        """The raw per-step values, faint, and their trailing SMOOTH_STEPS-step mean over them."""
+        values = col(key)
+        ax.plot(steps, values, color=colour, alpha=0.3, linewidth=1)
+        ax.plot(steps, smooth(values, SMOOTH_STEPS), color=colour, linewidth=2, label=label)
+
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, col("reward_clean"), label="clean rollouts")
-    axes[0].plot(steps, col("reward_noisy"), label="noisy rollouts")
-    axes[0].set_title("reward")
+    curve(axes[0], "reward_clean", "tab:blue", "clean rollouts")
+    curve(axes[0], "reward_noisy", "tab:orange", "noisy rollouts")
+    axes[0].set_title(f"reward (line: {SMOOTH_STEPS}-step mean)")
     axes[0].legend()
-    axes[1].plot(steps, col("accuracy"), color="tab:green")
-    axes[1].set_title("rollout accuracy")
+    curve(axes[1], "accuracy", "tab:green")
+    axes[1].set_title(f"rollout accuracy ({SMOOTH_STEPS}-step mean)")
     axes[2].plot(steps, col("alpha"), color="tab:red")
     axes[2].set_title("alpha_t (distortion strength)")
     for ax in axes:

@@ -97,6 +97,18 @@ def artifact_dir(configured: Path | None = None) -> Path:
 _resolve_tracking_uri = tracking_uri   # Tracker's `tracking_uri` argument shadows the function's name
 
 
+def run_name(params: Any, experiment: str | None = None) -> str:
+    """What a training run is, as its MLflow run name: `<profile>-<distortion>-<n_clean>x<n_noisy>-seed<k>`, e.g.
+    `embedded-crop_fill-4x4-seed0` (vanilla GRPO: `...-8x0-...`), then `-<experiment>` under `dvc exp run`
+    (`experiment`, default the DVC_EXP_NAME that DVC sets)."""
+    model = params.model
+    profile = "embedded" if model.embedded else Path(str(model.name_or_path)).name
+    distortion = re.sub(r"[^\w.-]+", "-", params.noise.distortion)
+    name = f"{profile}-{distortion}-{params.rollout.n_clean}x{params.rollout.n_noisy}-seed{params.rl_seed}"
+    experiment = experiment if experiment is not None else os.environ.get("DVC_EXP_NAME")
+    return f"{name}-{experiment}" if experiment else name
+
+
 def is_secret_key(name: str) -> bool:
     """True when any component of a (dotted) parameter name looks like it holds a credential."""
     for part in str(name).split("."):

@@ -121,12 +121,12 @@ def queue(prefix: str, arms: dict[str, dict[str, Any]], seeds: list[int], extra:
 
 def wait(names: list[str], log: Log, poll: float = 10.0) -> dict[str, str]:
     """Start the queue (one worker: the runs use every core) and wait; {name: final status}."""
-    from tqdm.auto import tqdm
+    from noisyrollout.progress import progress_bar
 
     # the worker outlives this call: its output must not be a pipe we wait on (that would block until the queue is done)
     subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    bar = tqdm(total=len(names), desc="ablation runs", unit="run")
+    bar = progress_bar(total=len(names), desc="ablation runs", unit="run")
     states: dict[str, str] = {}
     began = time.time()
     while True:

@@ -179,6 +179,21 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
+SMOOTHING = 0.2   # the initial loess bandwidth of DVC's line plots here (its slider starts at 0.001: the raw curve)
+EXACT = {"alpha"}  # curves that are a schedule, not a noisy measurement: drawn as they are
+
+
+def smoothed(spec: dict[str, Any], bandwidth: float = SMOOTHING) -> dict[str, Any]:
+    """`spec` with the smoothing slider of DVC's line template (the `smooth` parameter: a loess line drawn over the
+    faint raw one) starting at `bandwidth`, so the trend shows at a glance; other specs, and the curves in EXACT,
+    unchanged."""
+    fields = {t["loess"] for layer in spec.get("layer", []) for t in layer.get("transform", []) if "loess" in t}
+    if not fields or fields <= EXACT:
+        return spec
+    params = [dict(p, value=bandwidth) if p.get("name") == "smooth" else p for p in spec.get("params", [])]
+    return {**spec, "params": params}
+
+
 def render_plots_page(repo: Path, out_html: Path, *, targets: Sequence[str] | None = None,
                       title: str = "DVC plots", png_scale: float = 2.0) -> Path:
     """Draw every plot of `repo`'s dvc.yaml (or only `targets`) into ONE self-contained, offline HTML page.
@@ -190,7 +205,7 @@ def render_plots_page(repo: Path, out_html: Path, *, targets: Sequence[str] | No
     """
     import vl_convert
 
-    specs = plot_specs(Path(repo), targets)
+    specs = [(name, smoothed(spec)) for name, spec in plot_specs(Path(repo), targets)]
     vl_version = _vl_version([s for _, s in specs])
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)

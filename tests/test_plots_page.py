@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import json
 import re
 import shutil
 import subprocess
@@ -227,3 +228,19 @@ def test_dvc_errors_are_reported(tmp_path):
         render_plots_page(repo, tmp_path / "plots.html", targets=["nosuch"])
     with pytest.raises(NoisyRolloutError, match="not a DVC repository"):
         render_plots_page(tmp_path, tmp_path / "plots.html")
+
+
+def test_training_curves_start_smoothed(plots_repo):
+    """DVC's line template draws a loess line over the faint raw one, with a slider that starts at 0.001 (no
+    smoothing); the page starts it at SMOOTHING, and leaves plots without the slider alone."""
+    from pipelines.plots import SMOOTHING, plot_specs, smoothed
+
+    specs = dict(plot_specs(plots_repo))
+    line = specs[next(name for name in specs if "rollout_accuracy" in name)]
+    assert [p["value"] for p in line["params"] if p["name"] == "smooth"] == [0.001]   # DVC's own start
+    assert [p["value"] for p in smoothed(line)["params"] if p["name"] == "smooth"] == [SMOOTHING]
+    assert any("loess" in t for layer in line["layer"] for t in layer.get("transform", []))
+    bars = next(spec for spec in specs.values() if "smooth" not in json.dumps(spec.get("params", [])))
+    assert smoothed(bars) == bars
+    alpha = specs[next(name for name in specs if "alpha_t" in name)]
+    assert smoothed(alpha) == alpha                  # a schedule: drawn as it is

@@ -188,3 +188,25 @@ def test_metrics_are_written_in_batches_and_never_lost(store, workdir):
             failed.log_metrics({"x": 1.0}, step=0)
             raise RuntimeError("boom")
     assert [m.value for m in client.get_metric_history(failed.run_id, "x")] == [1.0]   # a failed run keeps them
+
+
+def test_the_smoothed_curve_is_the_trailing_mean():
+    from noisyrollout.report import smooth
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    out = smooth([math.nan, 2.0, math.nan, 4.0], 3)
+    assert math.isnan(out[0]) and out[1:] == [2.0, 2.0, 3.0]
+
+
+def test_run_names_say_what_the_run_is(monkeypatch):
+    from noisyrollout.config import Params
+    from noisyrollout.tracking import run_name
+
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert run_name(Params()) == "embedded-crop_fill-4x4-seed0"
+    grpo = Params.model_validate({"rollout": {"n_clean": 8, "n_noisy": 0}, "train": {"seed": 2}})
+    assert run_name(grpo) == "embedded-crop_fill-8x0-seed2"
+    qwen = Params.model_validate({"model": {"embedded": False, "name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct"},
+                                  "noise": {"distortion": "tv:GaussianBlur", "alpha0": 0.5}})
+    monkeypatch.setenv("DVC_EXP_NAME", "dazed-snip")
+    assert run_name(qwen) == "Qwen2.5-VL-7B-Instruct-tv-GaussianBlur-4x4-seed0-dazed-snip"

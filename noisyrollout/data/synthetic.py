@@ -335,9 +335,9 @@ def build_corpus(*, seed: int = 0, image_size: int = 56, tasks: Sequence[str] = 
     total = sum(sizes.values())
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from noisyrollout.progress import progress_bar
 
-        bar = tqdm(total=total, desc="rendering synthetic corpus", unit="ex")
+        bar = progress_bar(total=total, desc="rendering synthetic corpus", unit="ex")
     corpus: dict[str, datasets.Dataset] = {}
     try:
         for split, n in sizes.items():

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from tqdm.auto import tqdm
+from noisyrollout.progress import progress_bar
 
 from noisyrollout.config import Params
 from noisyrollout.errors import NoisyRolloutError
@@ -121,9 +121,9 @@ def _note_other_lengths(params: Params, core: str, folders: Path, log: Callable[
 def _tracker(params: Params, run_id: str | None) -> Any:
     if not params.tracking.enabled:
         return None
-    from noisyrollout.tracking import Tracker
+    from noisyrollout.tracking import Tracker, run_name
 
-    tracker = Tracker(params.tracking.experiment, run_name=Path(params.train.output_dir).name, run_id=run_id,
+    tracker = Tracker(params.tracking.experiment, run_name=run_name(params), run_id=run_id,
                       artifact_root=params.tracking.artifact_root)
     if run_id is None:
         tracker.log_params(params.model_dump(mode="json"))
@@ -166,7 +166,7 @@ def train_rl(params: Params, init_dir: Path, *, progress: bool = True, log: Call
             tracker = _tracker(params, run_id)
         # steps after the checkpoint that the crashed run had already logged: recomputed, not logged twice
         logged_upto = tracker.last_logged_step("noise/alpha") if tracker is not None and run_id else -1
-        bar = tqdm(range(start, cfg.steps), desc="rl", disable=not progress, initial=start, total=cfg.steps)
+        bar = progress_bar(range(start, cfg.steps), desc="rl", disable=not progress, initial=start, total=cfg.steps)
         for step in bar:
             metrics = group.step(step, cfg.steps, batch_indices(step, cfg.prompts_per_step, group.num_records,
                                                                 params.rl_seed))

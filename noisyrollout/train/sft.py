@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from noisyrollout.progress import progress_bar
 
 from noisyrollout.algo.augment import distort
 from noisyrollout.config import Params
@@ -52,7 +52,7 @@ def run_sft(model: Any, processor: Any, examples: Sequence[dict], params: Params
     generator = torch.Generator().manual_seed(params.seed)
     order: list[int] = []
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="sft", disable=not progress)
+    bar = progress_bar(range(cfg.steps), desc="sft", disable=not progress)
     for _ in bar:
         if len(order) < cfg.batch_size:
             order += rng.sample(range(len(examples)), len(examples))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from noisyrollout.progress import progress_bar
 
 from noisyrollout.algo.augment import distort
 from noisyrollout.algo.reward import score_batch
@@ -28,7 +28,7 @@ def validate(engine: Engine, examples: Sequence[dict], *, max_new_tokens: int, b
     by_task: dict[str, list[float]] = defaultdict(list)
     acc: list[float] = []
     fmt: list[float] = []
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(examples), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = examples[start:start + batch_size]
         images = [ex["image"] for ex in chunk]
         if distortion is not None:
