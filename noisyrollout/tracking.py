@@ -6,10 +6,11 @@ lazily inside the functions below (its import takes seconds).
 
 Backend: a sqlite store (`<project root>/mlruns.db`: the current directory, or the repository when running in a
 queued DVC experiment's temporary workspace; see `project_root`), unless the environment
-variable MLFLOW_TRACKING_URI or the `tracking_uri` argument says otherwise). Artifacts go to an absolute local
-folder (default `<project root>/mlartifacts`), set as the experiment's `artifact_location` when the experiment is
-created: with a sqlite store MLflow 3.17 would otherwise write them to `./mlruns` of whatever directory the
-process runs in.
+variable MLFLOW_TRACKING_URI or the `tracking_uri` argument says otherwise). With a local store, artifacts go to an
+absolute local folder (default `<project root>/mlartifacts`), set as the experiment's `artifact_location` when the
+experiment is created: with a sqlite store MLflow 3.17 would otherwise write them to `./mlruns` of whatever directory
+the process runs in. With a tracking server (http(s), Databricks) the server's default artifact location is used,
+so `mlflow server --serve-artifacts` receives them (`tracking.artifact_root` does not apply).
 
 Browse with: `mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1` (from the directory that holds
 mlruns.db; artifacts are read from the absolute locations recorded in the store).
@@ -85,6 +86,11 @@ def tracking_uri() -> str:
     """The MLflow tracking URI: MLFLOW_TRACKING_URI if set, else `sqlite:///<project root>/mlruns.db` (the current
     directory, or the repository of a queued DVC experiment: `project_root`)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns.db'}"
+
+
+def is_server(uri: str) -> bool:
+    """True for a tracking server (http(s), Databricks): it keeps the artifacts, not a local folder of ours."""
+    return urllib.parse.urlsplit(str(uri)).scheme.lower() in ("http", "https", "databricks", "databricks-uc")
 
 
 def artifact_dir(configured: Path | None = None) -> Path:
@@ -215,8 +221,10 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            self.artifact_root.mkdir(parents=True, exist_ok=True)
             try:
+                if is_server(self.tracking_uri):   # the server decides (with --serve-artifacts: proxied uploads)
+                    return self.client.create_experiment(name)
+                self.artifact_root.mkdir(parents=True, exist_ok=True)
                 return self.client.create_experiment(name, artifact_location=self.artifact_root.as_uri())
             except MlflowException as e:   # created concurrently by another process
                 exp = self.client.get_experiment_by_name(name)
@@ -224,7 +232,7 @@ class Tracker:
                     raise e
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
-        if exp.artifact_location.rstrip("/") != self.artifact_root.as_uri().rstrip("/"):
+        if not is_server(self.tracking_uri) and exp.artifact_location.rstrip("/") != self.artifact_root.as_uri().rstrip("/"):
             log.warning("tracking: experiment %r already exists with artifact location %s (not %s); artifacts go "
                         "there", name, exp.artifact_location, self.artifact_root)
         return exp.experiment_id
