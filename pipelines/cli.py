@@ -238,6 +238,77 @@ def ablation(
                               command=command)), params, set_, None)
 
 
+@app.command("serve")
+def serve(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: Optional[Path] = RecipeOpt,
+          alias: str = typer.Option("champion", help="The alias (or a version number) of registry.model_name to serve."),
+          host: str = typer.Option("127.0.0.1", help="The interface to bind (127.0.0.1: this machine only)."),
+          port: int = typer.Option(5001, help="The port of the REST endpoint (POST /invocations, GET /ping)."),
+          workers: int = typer.Option(1, help="Server worker processes (each loads the model).")) -> None:
+    """Serve the registered policy (default: the champion) as a REST endpoint: `mlflow models serve` in this
+    environment, against the MLflow store the pipeline uses (MLFLOW_TRACKING_URI, else ./mlruns.db). Blocks until
+    Ctrl-C. A request: {"dataframe_split": {"columns": ["image", "question"], "data": [[<base64 PNG>, "..."]]},
+    "params": {"max_new_tokens": 24}}; the answer: {"predictions": [{"response": "...", "answer": "..."}]}."""
+    import os
+    import subprocess
+
+    from noisyrollout.config import load_params
+    from noisyrollout.tracking import tracking_uri
+
+    with _user_errors():
+        name = load_params(params, set_, recipe).registry.model_name
+    uri = tracking_uri()
+    model = f"models:/{name}/{alias}" if alias.isdigit() else f"models:/{name}@{alias}"
+    typer.echo(f"serve: {model} from {uri} on http://{host}:{port}/invocations")
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
+               "--host", host, "--port", str(port), "--workers", str(workers)]
+    bin_dir = str(Path(sys.executable).parent)   # mlflow starts `uvicorn` from PATH: this environment's
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+           "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    try:
+        raise typer.Exit(subprocess.call(command, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command("request")
+def request(image: Optional[Path] = typer.Option(None, help="An image file (PNG/JPEG) to ask about."),
+            question: Optional[str] = typer.Option(None, help="The question (with --image)."),
+            split: str = typer.Option("test", help="Without --image: a sample of this prepared split."),
+            index: int = typer.Option(0, help="Without --image: the sample's row in the split."),
+            max_new_tokens: Optional[int] = typer.Option(None, help="Longest answer (default: eval.max_new_tokens)."),
+            params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Print a JSON request for `noisyrollout serve`'s POST /invocations: an image and a question, by default a
+    sample of the prepared test split (its id goes to stderr). E.g. `noisyrollout request > request.json` and
+    `curl -s -H 'Content-Type: application/json' -d @request.json http://127.0.0.1:5001/invocations`."""
+    import json
+
+    from noisyrollout.config import load_params
+    from noisyrollout.errors import NoisyRolloutError
+    from pipelines.payload import encode_image
+
+    with _user_errors():
+        p = load_params(params, set_)
+        if image is not None:
+            from PIL import Image
+
+            if question is None:
+                raise NoisyRolloutError("--image needs --question")
+            with Image.open(image) as img:
+                picture, text = img.convert("RGB"), question
+        else:
+            from noisyrollout.data.loaders import load_records
+
+            rows = load_records(str(p.data.prepared_dir), split, min_pixels=p.data.min_pixels,
+                                max_pixels=p.data.max_pixels, limit=index + 1)
+            if index >= len(rows):
+                raise NoisyRolloutError(f"{split} has {len(rows)} rows, no row {index}")
+            picture, text = rows[index]["image"], rows[index]["problem"]
+            typer.echo(f"request: {split} row {index}, id {rows[index]['id']}", err=True)
+    body = {"dataframe_split": {"columns": ["image", "question"], "data": [[encode_image(picture), text]]},
+            "params": {"max_new_tokens": max_new_tokens or p.eval.max_new_tokens}}
+    typer.echo(json.dumps(body))
+
+
 @app.command("stage-deps")
 def stage_deps(write: bool = typer.Option(False, "--write", help="Rewrite dvc.yaml's code deps (comments kept)."),
                dvc_yaml: Path = typer.Option(Path("dvc.yaml"), help="The DAG file.")) -> None:

@@ -72,6 +72,23 @@ def _mlflow_errors(uri: str, what: str) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _fluent_store(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.pyfunc.log_model`) on `uri` for the block, through the environment variables it
+    reads, restored afterwards (mlflow.set_tracking_uri would leave the process's store changed)."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update(dict.fromkeys(keys, uri))
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
@@ -129,13 +146,16 @@ def _require_store_file(uri: str) -> None:
 
 def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str, eval_metrics: dict[str, float],
              tags: dict[str, str], description: str, tracking_uri: str | None = None,
-             artifact_root: Path | None = None) -> dict:
+             artifact_root: Path | None = None, policy: dict[str, Any] | None = None) -> dict:
     """A new version of registered model `name` (created if absent), alias `challenger`.
 
-    Source: `runs:/<run_id>/model` when `run_id` is given and that run has artifacts under "model"; otherwise a
-    new run in `experiment` (artifacts under `artifact_root`, as `Tracker` does) with `model_dir` logged as
-    "model". Version tags: `tags` (secret-looking names dropped) plus `eval.<key>` = repr(float) per eval metric.
-    Description: `description` (the model card).
+    The run: `run_id` when given and that run has artifacts under "model" (the HF folder the trainer logged);
+    otherwise a new run in `experiment` (artifacts under `artifact_root`, as `Tracker` does) with `model_dir` logged
+    as "model". With `policy` (keyword arguments of `pipelines.serving.log_policy`: system_prompt, max_new_tokens,
+    dtype, example) the version's source is the servable MLflow model logged into that run (`models:/<model id>`,
+    its HF folder as an artifact); without, the bare HF folder `runs:/<run>/model`. Version tags: `tags`
+    (secret-looking names dropped) plus `eval.<key>` = repr(float) per eval metric. Description: `description` (the
+    model card).
 
     Returns {"name", "version", "run_id", "source", "aliases", "tags"}."""
     from mlflow.exceptions import MlflowException
@@ -191,7 +211,12 @@ def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str,
                 tr.log_artifact_dir(model_dir, MODEL_ARTIFACT)
             source_run = tr.run_id
 
-    source = f"runs:/{source_run}/{MODEL_ARTIFACT}"
+    source, model_id = f"runs:/{source_run}/{MODEL_ARTIFACT}", None
+    if policy is not None:
+        from pipelines.serving import log_policy
+
+        with _mlflow_errors(uri, f"logging the servable model into run {source_run}"), _fluent_store(uri):
+            source, model_id = log_policy(Path(model_dir), run_id=source_run, **policy)
     with _mlflow_errors(uri, f"registering {name!r} from {source}"):
         try:
             client.create_registered_model(name)
@@ -199,7 +224,7 @@ def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str,
             if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
         mv = client.create_model_version(name, source=source, run_id=source_run, tags=version_tags,
-                                         description=description)
+                                         description=description, model_id=model_id)
         version = str(mv.version)
         client.set_registered_model_alias(name, CHALLENGER, version)
         mv = client.get_model_version(name, version)
@@ -422,5 +447,7 @@ def model_card(params: Params, metrics: dict[str, Any], tags: dict[str, str]) ->
             f"## Key parameters\n\n| parameter | value |\n|---|---|\n{knobs}\n\n"
             f"## Load\n\n```python\nimport mlflow\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
             f"mlflow.set_tracking_uri('sqlite:///mlruns.db')  # or your MLFLOW_TRACKING_URI\n"
-            f"path = mlflow.artifacts.download_artifacts('models:/{params.registry.model_name}@champion')\n"
-            f"model = AutoModelForImageTextToText.from_pretrained(path)\nprocessor = AutoProcessor.from_pretrained(path)\n```\n")
+            f"policy = mlflow.pyfunc.load_model('models:/{params.registry.model_name}@champion')  # .predict(table)\n"
+            f"path = mlflow.artifacts.download_artifacts('models:/{params.registry.model_name}@champion') + '/artifacts/hf'\n"
+            f"model = AutoModelForImageTextToText.from_pretrained(path)\nprocessor = AutoProcessor.from_pretrained(path)\n```\n\n"
+            f"Serve it: `noisyrollout serve` (a REST endpoint on 127.0.0.1: POST /invocations).\n")

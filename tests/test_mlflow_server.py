@@ -93,7 +93,7 @@ def test_train_register_promote_land_on_the_server(server, tmp_path, monkeypatch
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")           # proxied by the server
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model", "plots"}
     stored = list((root / "artifacts").rglob("model.safetensors"))
-    assert stored, "the model artifact is not in the server's artifact destination"
+    assert len(stored) == 2, stored   # the run's HF folder and the servable model's copy, in the server's store
 
     version = client.get_model_version_by_alias(MODEL, "champion")
     assert version.version == "1" and version.run_id == run.info.run_id
@@ -102,6 +102,6 @@ def test_train_register_promote_land_on_the_server(server, tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     path = mlflow.artifacts.download_artifacts(f"models:/{MODEL}@champion", dst_path=str(tmp_path / "champion"))
-    model = AutoModelForImageTextToText.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(Path(path) / "artifacts/hf")   # the servable model's HF folder
     trained = AutoModelForImageTextToText.from_pretrained(work / "runs/embedded/rl/model")
     assert all((a == b).all() for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
