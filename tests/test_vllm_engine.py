@@ -1,7 +1,8 @@
 """The vLLM engine's glue, on CPU without vLLM: requests, sampling mapping, outputs, weight names, the guard.
 
-The engine class itself needs vLLM and a CUDA GPU; here only what it is built from is exercised, with the
-real tiny Qwen2.5-VL. The stand-in output classes below mimic the two fields of vLLM's RequestOutput /
+The engine class itself needs vLLM: a CUDA GPU with the official wheel, or vLLM's CPU build, where
+tests/test_vllm_cpu.py runs it for real (`make test-vllm`). Here only what it is built from is exercised, with
+the real tiny Qwen2.5-VL. The stand-in output classes below mimic the fields of vLLM's RequestOutput /
 CompletionOutput that the engine reads, nothing else.
 """
 
@@ -22,9 +23,11 @@ from noisyrollout.rollout import vllm_engine
 from noisyrollout.rollout.engine import Prompt, SamplingParams
 from noisyrollout.rollout.hf_engine import vision_token_ids
 from noisyrollout.rollout.vllm_engine import (
+    SampledGeneration,
     VLLMEngine,
     build_requests,
     llm_kwargs_for,
+    platform_settings,
     require_vllm,
     sampling_kwargs,
     state_dict_for_vllm,
@@ -35,10 +38,16 @@ VISION_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @dataclass
+class FakeLogprob:  # stands in for vllm.logprobs.Logprob
+    logprob: float
+
+
+@dataclass
 class FakeCompletion:  # stands in for vllm.outputs.CompletionOutput
     index: int
     token_ids: tuple[int, ...]
     text: str
+    logprobs: list[dict[int, FakeLogprob]] | None = None
 
 
 @dataclass
@@ -91,6 +100,8 @@ def test_sampling_kwargs_sampled_and_greedy(processor):
     assert len(suppress) == 4
     biased = sampling_kwargs(params, seed=None, stop_token_ids=[3], suppress_token_ids=suppress)
     assert biased["logit_bias"] == {t: -100.0 for t in suppress}
+    assert "logprobs" not in biased
+    assert sampling_kwargs(params, seed=None, stop_token_ids=[3], logprobs=True)["logprobs"] == 0  # the sampled token's
 
 
 def test_to_generations_orders_samples_and_replicates_greedy():
@@ -105,6 +116,18 @@ def test_to_generations_orders_samples_and_replicates_greedy():
     assert to_generations([], 2) == []
     with pytest.raises(RuntimeError, match="2 samples"):
         to_generations([FakeRequestOutput([FakeCompletion(0, (1,), "x"), FakeCompletion(1, (2,), "y")])], 3)
+
+
+def test_to_generations_carries_each_sampled_tokens_logprob():
+    steps = [{7: FakeLogprob(-0.5)}, {8: FakeLogprob(-1.25), 3: FakeLogprob(-0.1)}]   # the sampled token + others
+    outputs = [FakeRequestOutput([FakeCompletion(1, (9,), "b", [{9: FakeLogprob(-2.0)}]),
+                                  FakeCompletion(0, (7, 8), "a", steps)])]
+    gens = to_generations(outputs, 2, logprobs=True)
+    assert isinstance(gens[0], SampledGeneration)
+    assert gens[0].token_ids == [[7, 8], [9]] and gens[0].logprobs == [[-0.5, -1.25], [-2.0]]
+    assert not isinstance(to_generations(outputs, 2)[0], SampledGeneration)
+    with pytest.raises(RuntimeError, match="no logprobs"):
+        to_generations([FakeRequestOutput([FakeCompletion(0, (1,), "x")])], 1, logprobs=True)
 
 
 def test_weight_names_are_the_saved_checkpoint_keys(tiny_model_dir, tmp_path):
@@ -144,19 +167,56 @@ def test_require_vllm_explains_what_to_do(monkeypatch, tiny_model_dir):
             require_vllm()
         with pytest.raises(NoisyRolloutError, match="not installed"):
             VLLMEngine(tiny_model_dir, system_prompt=None)
-    # vllm present but no GPU: the CPU hint
+    # vllm present but no GPU and not a CPU build (an official wheel on a CPU machine): the CPU hint, one line
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(vllm_engine.importlib.util, "find_spec",
                         lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(NoisyRolloutError, match="rollout.engine: hf"):
+    monkeypatch.setattr(vllm_engine, "vllm_platform", lambda: None)
+    with pytest.raises(NoisyRolloutError, match="rollout.engine: hf") as err:
         require_vllm()
+    assert "\n" not in str(err.value) and "make test-vllm" in str(err.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the official wheel with a GPU
+    assert require_vllm() == "cuda"
+    monkeypatch.setattr(vllm_engine, "vllm_platform", lambda: "cpu")  # vLLM's CPU build: allowed, with or without GPU
+    assert require_vllm() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert require_vllm() == "cpu"
+
+
+def test_vllm_platform_is_none_without_a_usable_vllm(monkeypatch):
+    if importlib.util.find_spec("vllm") is None:
+        assert vllm_engine.vllm_platform() is None
+    monkeypatch.setitem(sys.modules, "vllm.platforms", None)   # present but broken: `from vllm.platforms` fails
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(vllm_engine.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    assert vllm_engine.vllm_platform() is None
+
+
+def test_platform_settings_keep_the_gpu_defaults_and_fit_the_cpu_build():
+    gpu, gpu_env = platform_settings("cuda", dtype=None, max_model_len=None, enforce_eager=None,
+                                     gpu_memory_utilization=0.5)
+    assert gpu == {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.5} and gpu_env == {}
+    eager, _ = platform_settings("cuda", dtype="float32", max_model_len=2048, enforce_eager=True,
+                                 gpu_memory_utilization=0.7)
+    assert eager == {"dtype": "float32", "max_model_len": 2048, "gpu_memory_utilization": 0.7, "enforce_eager": True}
+    cpu, cpu_env = platform_settings("cpu", dtype=None, max_model_len=None, enforce_eager=None,
+                                     gpu_memory_utilization=0.5)
+    assert cpu == {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True,
+                   "worker_extension_cls": "noisyrollout.rollout.vllm_engine.WorkerExtension"}
+    assert cpu_env == {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    given, _ = platform_settings("cpu", dtype="bfloat16", max_model_len=512, enforce_eager=False,
+                                 gpu_memory_utilization=0.5)
+    assert given["dtype"] == "bfloat16" and given["max_model_len"] == 512 and given["enforce_eager"] is False
+    assert callable(vllm_engine.WorkerExtension.repack_cpu_vocab_matrices)
 
 
 def test_module_import_does_not_import_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # any `import vllm` now raises ImportError
     spec = importlib.util.spec_from_file_location("vllm_engine_probe", vllm_engine.__file__)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "vllm_engine_probe", module)   # dataclasses look their module up there
     spec.loader.exec_module(module)  # a fresh copy of the module imports cleanly
     assert callable(module.require_vllm)
 

@@ -115,7 +115,8 @@ class Learner:
         return len(self.records)
 
     def _rollout_engine(self) -> Any:
-        """HF generate on the live policy (CPU), or vLLM (GPU) whose weights are synced after each change."""
+        """HF generate on the live policy (CPU), or vLLM (GPU; its CPU build in `make test-vllm`), which loads the
+        initial weights and gets the policy's after every optimizer step and after a resume (`load`)."""
         params, rollout = self.params, self.params.rollout
         if rollout.engine == "vllm":
             from noisyrollout.rollout.vllm_engine import VLLMEngine
@@ -128,7 +129,8 @@ class Learner:
                         cache_vision=params.model.freeze_vision)
 
     def _sync_rollout_weights(self) -> None:
-        """A rollout engine with its own copy of the weights (vLLM) gets the policy's current ones."""
+        """A rollout engine with its own copy of the weights (vLLM) gets the policy's current ones: with the vision
+        tower frozen only the trainable (language-model) tensors, as the frozen ones never change."""
         if hasattr(self.rollout_engine, "sync_weights"):
             self.rollout_engine.sync_weights(self.model, trainable_only=self.params.model.freeze_vision)
 
