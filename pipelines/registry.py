@@ -74,8 +74,9 @@ def _mlflow_errors(uri: str, what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _fluent_store(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (`mlflow.pyfunc.log_model`) on `uri` for the block, through the environment variables it
-    reads, restored afterwards (mlflow.set_tracking_uri would leave the process's store changed)."""
+    """MLflow's default store is `uri` for the block (`mlflow.pyfunc.log_model`, and the registry resolving a logged
+    model's source), through the environment variables it reads, restored afterwards (mlflow.set_tracking_uri would
+    leave the process's store changed)."""
     keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
     before = {k: os.environ.get(k) for k in keys}
     os.environ.update(dict.fromkeys(keys, uri))
@@ -217,7 +218,8 @@ def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str,
 
         with _mlflow_errors(uri, f"logging the servable model into run {source_run}"), _fluent_store(uri):
             source, model_id = log_policy(Path(model_dir), run_id=source_run, **policy)
-    with _mlflow_errors(uri, f"registering {name!r} from {source}"):
+    # a logged model's source is resolved through MLflow's default store (not the client's), so that is `uri` here too
+    with _mlflow_errors(uri, f"registering {name!r} from {source}"), _fluent_store(uri):
         try:
             client.create_registered_model(name)
         except MlflowException as e:

@@ -6,19 +6,14 @@ the PID this test started."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from tests.servers import free_port, running
 
 pytestmark = pytest.mark.slow
 
@@ -28,43 +23,16 @@ TOY = ["data.sizes={train: 48, val: 24, test: 24, ood: 24}", "model.tiny.vocab_s
 MODEL = "noisyrollout-embedded"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
-    port, root = _port(), tmp_path / "server"
+    port, root = free_port(), tmp_path / "server"
     root.mkdir()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1", "--backend-store-uri",
-                             f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts", "--artifacts-destination",
-                             str(root / "artifacts")], cwd=root, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer /health in 180 s"
-            time.sleep(1)
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+           "--artifacts-destination", str(root / "artifacts")]
+    with running(cmd, ready=f"{uri}/health", log=root / "server.log", cwd=root):
         yield uri, root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_train_register_promote_land_on_the_server(server, tmp_path, monkeypatch):

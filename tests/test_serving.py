@@ -9,11 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from tests.servers import free_port, running
 
 pytestmark = pytest.mark.slow
 
@@ -36,42 +33,17 @@ def _cli(*args: str, extra: tuple[str, ...] = ()):
     return result
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _served(work: Path, request: dict) -> list[dict]:
     """Start `noisyrollout serve` afresh, POST `request` to /invocations, stop the server by its PID."""
-    port = _port()
-    log = (work / f"serve-{port}.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "noisyrollout"), "serve", "--port", str(port),
-                             *[x for o in TOY for x in ("-S", o)]], cwd=work, env=os.environ.copy(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, (work / f"serve-{port}.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "the server did not answer /ping in 240 s"
-            time.sleep(1)
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "noisyrollout"), "serve", "--port", str(port),
+           *[x for o in TOY for x in ("-S", o)]]
+    with running(cmd, ready=f"http://127.0.0.1:{port}/ping", log=work / f"serve-{port}.log", cwd=work,
+                 env=os.environ.copy()):
         post = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(request).encode(),
                                       headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(post, timeout=120) as reply:
             return json.loads(reply.read())["predictions"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_the_champion_loads_answers_and_serves_what_eval_answered(tmp_path, monkeypatch):

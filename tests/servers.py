@@ -1,0 +1,49 @@
+"""Servers the tests start for real (mlflow server, noisyrollout serve): a free port on 127.0.0.1, a process in its
+own session with its log in a file, waiting until an URL answers 200, and a stop by the PID the test started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], *, ready: str, log: Path, cwd: Path, env: dict | None = None,
+            timeout: float = 240) -> Iterator[subprocess.Popen]:
+    """`cmd` started in its own session (output to `log`), yielded once `ready` answers HTTP 200; on exit its whole
+    session is stopped (SIGTERM, then SIGKILL after 30 s)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert proc.poll() is None, f"{cmd[0]} exited: {log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(ready, timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"{ready} did not answer in {timeout:.0f} s"
+            time.sleep(1)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
