@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +36,6 @@ PLACED = re.compile(r"^(learner-\d): node (\w+) \(([\d.]+); (node_head|node_work
 
 def _flags(extra=()):
     return [x for o in (*TOY, *extra) for x in ("-S", o)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -58,7 +52,7 @@ class TwoNodeCluster:
     session, so that everything it starts can be found and killed by PID."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir, _free_port()
+        self.workdir, self.port = workdir, free_port()
         self.address = f"127.0.0.1:{self.port}"
         # Ray 2.60's `ray start --head` turns token authentication on: every process of the cluster and the driver
         # share one token (from the environment, so nothing is written to ~/.ray)
