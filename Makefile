@@ -3,10 +3,10 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-# Pytest arguments for `make test` (e.g. make test PYTEST_ARGS="-m 'not slow'").
+# Pytest arguments for `make test` / `make test-slow` (e.g. PYTEST_ARGS="-k reliability").
 PYTEST_ARGS ?=
 
-.PHONY: run test install bench ablation clean test-vllm
+.PHONY: run test test-slow install bench ablation clean test-vllm
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -29,8 +29,13 @@ run: $(STAMP)
 	$(WITH_VENV) noisyrollout plots
 	$(WITH_VENV) noisyrollout summary
 
+# The default suite: everything but the end-to-end tests marked `slow` (and `vllm`, skipped in .venv).
 test: $(STAMP)
-	$(WITH_VENV) python -m pytest $(PYTEST_ARGS)
+	$(WITH_VENV) python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The slow end-to-end tests (real Ray clusters, DeepSpeed, dvc repro, Prefect, servers, faults): .ci/run runs them.
+test-slow: $(STAMP)
+	$(WITH_VENV) python -m pytest -m slow $(PYTEST_ARGS)
 
 # Performance benchmarks -> BENCHMARKS.md (needs `make run` first for the SFT model and prepared data; ~15 min).
 # TRL (the comparison) is the optional `bench` extra, installed here only, never by `make run`.
