@@ -244,6 +244,9 @@ class ClusterConfig(Section):
     storage: Path | None = Field(None, description="Folder for checkpoints that every node must reach (a shared "
                                  "filesystem on a multi-node cluster); null = <train.output_dir>/checkpoints. Each "
                                  "learner checks at start that it can write there.")
+    max_restarts: int = Field(2, ge=0, description="Self-healing: when a learner dies (or its node is lost) the "
+                              "driver restarts the learner group and resumes from the newest complete checkpoint, up "
+                              "to this many times per run; then it stops, naming the root cause (0 = stop at once).")
 
 
 class CheckpointConfig(Section):

@@ -11,3 +11,8 @@ class DataError(NoisyRolloutError):
 
 class ConfigError(NoisyRolloutError):
     """params.yaml or a command-line override is invalid."""
+
+
+class LearnerLost(NoisyRolloutError):
+    """A learner process died or its node was lost (not an error in its code): the driver may restart the group
+    and resume from the newest checkpoint (`cluster.max_restarts`)."""

@@ -48,5 +48,7 @@ def test_a_killed_learner_stops_the_run_and_is_named(ray_cluster, corpus_dir, ti
             ray_cluster.kill(ray_cluster.get_actor(name))
 
     with pytest.raises(NoisyRolloutError, match=r"learner actor 'learner-1' on node \w+ \([\d.]+\) died"):
-        train_rl(toy_params(corpus_dir, tmp_path, steps=5), tiny_model_dir, progress=False, on_step=kill_learner_1)
+        params = toy_params(corpus_dir, tmp_path, steps=5)
+        params.cluster.max_restarts = 0   # stop at once (restarts: tests/reliability/test_self_healing.py)
+        train_rl(params, tiny_model_dir, progress=False, on_step=kill_learner_1)
     assert not [a for a in ray_cluster.util.list_named_actors() if "learner" in a]

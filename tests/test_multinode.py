@@ -188,7 +188,7 @@ def test_two_nodes_spread_the_learners_and_match_the_one_node_run(workdir, one_n
 
 def test_a_lost_node_stops_the_run_in_one_line_and_resume_finishes_it(workdir, one_node_run, cluster):
     victim = _train(workdir, cluster.env, "runs/lost", f"cluster.address={cluster.address}", "cluster.placement=spread",
-                    wait=False)
+                    "cluster.max_restarts=0", wait=False)   # self-healing is tests/reliability/test_self_healing.py
     try:
         deadline = time.time() + 600
         while not list((workdir / "runs/lost/checkpoints").glob("*/step_000001")):

@@ -5,21 +5,24 @@ Layout of one checkpoint:
     deepspeed/               every learner's DeepSpeed state: weights, optimizer, LR schedule (cluster.trainer=ray)
     torch/state.pt           the same for the one in-process learner (cluster.trainer=local)
     rng_rank<r>.pt           every learner's RNG states (torch, python, the distortion generator)
-    trainer_state.json       step counter, per-step metrics so far, MLflow run id
+    trainer_state.json       step counter, per-step metrics so far, MLflow run id, every file's size
 
-Writers fill `step_000020.tmp/`; `commit` renames it (atomic on one filesystem) and prunes old ones. A folder
-a kill left half-written keeps its `.tmp` suffix and is never loaded.
+Writers fill `step_000020.tmp/`; `commit` flushes it to disk, writes the trainer state last and renames the folder
+(atomic on one filesystem), then prunes old ones. A folder a kill left half-written keeps its `.tmp` suffix and is
+never loaded; a complete one whose files no longer have their recorded sizes is skipped (`newest_whole`). A full disk
+fails the write with one line (`save`) and leaves the older checkpoints intact.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Knobs that may change between a run and its resumption; every other parameter must match.
 # train.steps is NOT one of them: the noise schedule (u = s / T) and the LR schedule depend on it, so a run with
@@ -27,7 +30,7 @@ from typing import Any
 RESUMABLE_CHANGES = ("train.log_every", "train.output_dir", "checkpoint", "tracking", "eval", "val", "gate",
                      "registry", "reports_dir", "orchestration",
                      "cluster.address", "cluster.dashboard", "cluster.placement", "cluster.placement_timeout_s",
-                     "cluster.storage")
+                     "cluster.storage", "cluster.max_restarts")
 
 STEP_DIR = re.compile(r"^step_(\d{6})$")
 STATE_FILE = "trainer_state.json"
@@ -65,9 +68,76 @@ def staging_dir(root: Path, step: int) -> Path:
     return tmp
 
 
+def save(root: Path, step: int, write: Callable[[Path], None], state: dict[str, Any], keep_last: int) -> Path:
+    """The checkpoint after `step` steps: `write(tmp)` fills a staging folder (the learners' states), then `commit`.
+    A write that fails on I/O (a full disk, a learner's OSError) removes the staging folder, leaves the older
+    checkpoints as they were, and raises NoisyRolloutError naming the folder, the cause and the free space."""
+    from noisyrollout.errors import LearnerLost, NoisyRolloutError
+
+    tmp = staging_dir(root, step)
+    try:
+        write(tmp)
+        return commit(tmp, state, keep_last)
+    except LearnerLost:
+        raise
+    except (OSError, RuntimeError, NoisyRolloutError) as exc:
+        # torch.save reports a full disk as a RuntimeError of its zip writer, a Ray learner's error arrives wrapped:
+        # the disk itself says whether it is full
+        cause = _io_cause(exc) or _disk_full(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cause is None and not isinstance(exc, (OSError, NoisyRolloutError)):
+            raise
+        free = shutil.disk_usage(root).free / 2**20
+        raise NoisyRolloutError(f"writing checkpoint {tmp.name} to {root} failed: {cause or exc}; {free:.1f} MiB "
+                                f"free there; the older checkpoints are intact, and `noisyrollout train` resumes "
+                                f"from the newest once there is room") from None
+
+
+def _io_cause(exc: BaseException) -> str | None:
+    """'No space left on device (ENOSPC)' for an OSError with an errno, else None."""
+    if isinstance(exc, OSError) and exc.errno:
+        return f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    return None
+
+
+def _disk_full(folder: Path, probe_bytes: int = 1 << 20) -> str | None:
+    """The I/O error a 1 MiB write into `folder` raises now (e.g. ENOSPC), None if it succeeds."""
+    probe = Path(folder) / ".space-probe"
+    try:
+        with probe.open("wb") as fh:
+            fh.write(b"\0" * probe_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return None
+    except OSError as exc:
+        return _io_cause(exc)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def manifest(folder: Path) -> dict[str, int]:
+    """{relative path: size in bytes} of every file under `folder`: recorded at commit, checked before a load."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def commit(tmp: Path, state: dict[str, Any], keep_last: int) -> Path:
-    """Write the trainer state last, rename the folder into place, keep the newest `keep_last`."""
-    (tmp / STATE_FILE).write_text(json.dumps(state))
+    """Record every file's size in the trainer state, write it last, flush all to disk, rename the folder into
+    place, keep the newest `keep_last`."""
+    files = manifest(tmp)
+    for name in files:
+        _fsync(tmp / name)
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "files": files}))
+    _fsync(tmp / STATE_FILE)
+    _fsync(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():
         shutil.rmtree(final)
@@ -91,6 +161,34 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def latest(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be loaded (a file missing, or of another size than was written:
+    truncated or overwritten), None when it is whole."""
+    try:
+        files = read_state(checkpoint).get("files")
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} unreadable ({exc})"
+    if files is None:   # written before sizes were recorded
+        return None
+    for name, size in files.items():
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def newest_whole(root: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint whose files are all as written; a damaged one is skipped, saying why."""
+    for path in reversed(complete_checkpoints(root)):
+        why = damage(path)
+        if why is None:
+            return path
+        log(f"not loading {path}: {why}")
+    return None
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:

@@ -4,7 +4,8 @@
     placement = one bundle per learner in a placement group: PACK, or STRICT_SPREAD (one learner per node)
     rendezvous: rank 0's Ray node IP and a free port on it (gloo on CPU, nccl on GPU)
     each call = the same method on every learner; the first failure is reported as the run's error (a peer
-                blocked in a collective would otherwise surface later as a timeout), and every actor is killed
+                blocked in a collective would otherwise surface later as a timeout), and every actor is killed;
+                a dead learner raises LearnerLost, which the driver heals (cluster.max_restarts)
     close     = kill the actors (on an external cluster too), shut down a cluster this group started
 
 The batch arithmetic (which learner gets which prompts) is in batching.py, the loss normalisation in step.py.
@@ -22,7 +23,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from noisyrollout.config import Params
-from noisyrollout.errors import NoisyRolloutError
+from noisyrollout.errors import LearnerLost, NoisyRolloutError
 from noisyrollout.timing import overhead
 from noisyrollout.train.checkpoint import check_writable, checkpoints_root
 from noisyrollout.train.learner import Learner, free_port
@@ -30,6 +31,9 @@ from noisyrollout.train.metrics import StepMetrics
 
 
 ROOT_CAUSE_GRACE_S = 10.0   # how long a failed call waits for a dead learner to be reported (see RayGroup._failure)
+# What a learner's error says when a peer in its collective died (gloo/nccl connection reset): then, and only then,
+# the failed call waits for Ray to report the dead learner, the root cause.
+PEER_LOST = ("connection reset", "connection closed", "connection refused", "broken pipe", "gloo", "nccl", "timed out")
 
 
 class RayLearner(Learner):
@@ -164,10 +168,12 @@ class RayGroup:
         """(learner, error) to report. A learner that died, or whose node was lost, is the root cause even when a
         peer failed first: a peer in a collective with a dead process fails at once (its connection is reset),
         while Ray reports the death only after its health checks. So the other calls get ROOT_CAUSE_GRACE_S to
-        fail too, and a dead learner (or one on a dead node) wins over a task error."""
+        fail too, and a dead learner (or one on a dead node) wins over a task error. An error of the learner's own
+        (not a lost peer's symptom, `PEER_LOST`) is reported at once."""
         ray = self.ray
         failures = [(ranks[refs.index(first)], exc)]
-        if pending and isinstance(exc, ray.exceptions.RayTaskError):
+        peer_lost = any(word in str(exc).lower() for word in PEER_LOST)
+        if pending and isinstance(exc, ray.exceptions.RayTaskError) and peer_lost:
             deadline = time.monotonic() + ROOT_CAUSE_GRACE_S
             while pending and time.monotonic() < deadline:
                 done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0.01))
@@ -201,10 +207,9 @@ class RayGroup:
             where = ""
             if rank < len(self.nodes):
                 node = self.nodes[rank]
-                lost = node["node_id"] in self._lost_nodes() or "node" in str(exc).lower() and "died" in str(exc).lower()
+                lost = node["node_id"] in self._lost_nodes() or "its node has died" in str(exc).lower()
                 where = f" on node {node['node_id'][:8]} ({node['ip']})" + (", which was lost," if lost else "")
-            return NoisyRolloutError(f"learner actor {name!r}{where} died; the run stopped (`noisyrollout train` "
-                                     f"again resumes from the last checkpoint: checkpoint.resume=auto)")
+            return LearnerLost(f"learner actor {name!r}{where} died")
         cause = getattr(exc, "cause", None)
         if isinstance(cause, NoisyRolloutError):
             return NoisyRolloutError(f"{name}: {cause}")
