@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 # Pytest arguments for `make test` / `make test-slow` (e.g. PYTEST_ARGS="-k reliability").
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow install bench ablation clean test-vllm
+.PHONY: run test test-slow test-soak install bench ablation clean test-vllm
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 1; }
@@ -31,11 +31,15 @@ run: $(STAMP)
 
 # The default suite: everything but the end-to-end tests marked `slow` (and `vllm`, skipped in .venv).
 test: $(STAMP)
-	$(WITH_VENV) python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(WITH_VENV) python -m pytest -m "not slow and not soak" $(PYTEST_ARGS)
 
 # The slow end-to-end tests (real Ray clusters, DeepSpeed, dvc repro, Prefect, servers, faults): .ci/run runs them.
 test-slow: $(STAMP)
-	$(WITH_VENV) python -m pytest -m slow $(PYTEST_ARGS)
+	$(WITH_VENV) python -m pytest -m "slow and not soak" $(PYTEST_ARGS)
+
+# Soak: the 300-step memory check (tests/reliability/test_memory.py; about 10 min here), outside make test and CI.
+test-soak: $(STAMP)
+	$(WITH_VENV) python -m pytest -m soak -s $(PYTEST_ARGS)
 
 # Performance benchmarks -> BENCHMARKS.md (needs `make run` first for the SFT model and prepared data; ~15 min).
 # TRL (the comparison) is the optional `bench` extra, installed here only, never by `make run`.

@@ -3,8 +3,15 @@
 Every loader returns a list of `EvalSample`, sorted by a stable order, with the question text the
 model sees, the ground-truth answer and the fields a report groups by (`extra`). Images are not
 decoded here: a loader records where the image is and checks only that it exists and that its
-header opens, so a benchmark of thousands of images does not sit in memory. A sample whose image
-is missing or unreadable is kept with `unreadable=True` and a reason, and the report counts it.
+header opens, so a benchmark of thousands of images does not sit in memory. A sample that cannot be
+scored is kept with `unreadable=True` and a reason, and the report counts it: its image is missing or
+does not decode (truncated, zero bytes, a decompression bomb over twice Pillow's MAX_IMAGE_PIXELS),
+or it has no ground-truth answer (missing, null, blank, or a bool / list / object instead of text or a
+number). A malformed answer (a letter naming no choice, a HallusionBench `gt_answer` other than 0/1)
+is a broken benchmark and raises `DataError`. Two samples of one benchmark with the same id are both
+kept; the later ones are renamed `<id>#2`, `<id>#3`, ... with a warning, so no per-sample record
+(eval_samples.csv) merges them. An image is given to the model upright and RGB, converted as the
+training loaders convert it (`noisyrollout.data.loaders.to_rgb`).
 
 Layouts (SPEC section 6), all under one data dir:
 
@@ -90,16 +97,23 @@ class EvalSample:
     error: str | None = None
 
     def open_image(self) -> Image.Image:
-        """The sample's image as RGB. Raises `OSError` (or `ValueError`) when it cannot be read."""
+        """The sample's image, upright and RGB as training sees it (`to_rgb`: EXIF orientation applied, transparent ->
+        white, 16-bit scaled). Raises `OSError` (or `ValueError`) when it cannot be read."""
+        from noisyrollout.data.loaders import to_rgb
+
         if self.image is not None:
-            return self.image.convert("RGB")
+            rgb = to_rgb(self.image)
+            return rgb.copy() if rgb is self.image else rgb
         if self.image_bytes is not None:
-            with Image.open(io.BytesIO(self.image_bytes)) as im:
-                return im.convert("RGB")
-        if self.image_path is None:
+            source: Any = io.BytesIO(self.image_bytes)
+        elif self.image_path is not None:
+            source = self.image_path
+        else:
             raise FileNotFoundError("no image")
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        with Image.open(source) as im:
+            im.load()
+            rgb = to_rgb(im)
+            return rgb.copy() if rgb is im else rgb
 
     def mark_unreadable(self, reason: str) -> None:
         """Record that the image cannot be used; the sample is reported, not generated."""
@@ -137,9 +151,30 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _answer_issue(value: Any) -> str | None:
+    """Why `value` cannot be a ground-truth answer (None when it can): missing, null, blank, or not text / a number."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "no ground-truth answer"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return f"ground-truth answer is a {type(value).__name__}, not text"
+    if not _text(value).strip():
+        return "no ground-truth answer (blank)"
+    return None
+
+
+def _check_answer(sample: EvalSample, value: Any, where: str) -> None:
+    """Mark the sample unscorable when its answer field cannot be graded against."""
+    issue = _answer_issue(value)
+    if issue is not None:
+        sample.answer = ""
+        sample.mark_unreadable(f"{issue} in {where}")
+
+
 def _check_image_file(sample: EvalSample, path: Path) -> None:
     """Point the sample at `path`, or mark it unreadable when the file is missing or not an image."""
     sample.image_path = path
+    if sample.unreadable:
+        return
     if not path.is_file():
         sample.mark_unreadable(f"missing image: {path}")
         return
@@ -210,20 +245,22 @@ def load_geo3k(data_dir: Path) -> list[EvalSample]:
             log.warning("geo3k: %s has no data.json; not a sample", folder)
             continue
         row = _read_json(json_path)
-        _require(row, ("annotat_text", "choices", "answer"), str(json_path))
-        letter = _text(row["answer"]).strip().upper()
+        _require(row, ("annotat_text", "choices"), str(json_path))
+        issue = _answer_issue(row.get("answer"))
+        letter = "" if issue else _text(row["answer"]).strip().upper()
         choices = [_text(c) for c in row["choices"]]
         index = "ABCD".find(letter) if len(letter) == 1 else -1
-        if index < 0 or index >= len(choices):
+        if issue is None and (index < 0 or index >= len(choices)):
             raise DataError(f"{json_path}: answer {row['answer']!r} does not name one of {len(choices)} choices (A-D)")
         sample = EvalSample(
             id=_text(row.get("id", folder.name)),
             question=_text(row["annotat_text"]),
-            answer=choices[index],
+            answer=choices[index] if issue is None else "",
             # The choices are not shown to the model (the authors' prompt is the bare problem), so
             # they are kept for the report but not used to match answers.
             extra={"answer_letter": letter, "all_choices": choices},
         )
+        _check_answer(sample, row.get("answer"), str(json_path))
         _check_image_file(sample, folder / "img_diagram.png")
         samples.append(sample)
     return samples
@@ -238,16 +275,17 @@ def load_wemath(data_dir: Path) -> list[EvalSample]:
         raise DataError(f"{path}: expected a list of questions")
     samples = []
     for i, row in enumerate(rows):
-        _require(row, ("ID", "key", "question", "option", "answer", "image_path"), f"{path} row {i}")
+        _require(row, ("ID", "key", "question", "option", "image_path"), f"{path} row {i}")
         question = f"{_text(row['question'])}\n\nOptions: {_text(row['option'])}"
         extra = {k: row[k] for k in ("key", "knowledge concept") if k in row}
         sample = EvalSample(
             id=f"{_text(row['ID'])}@{_text(row['key'])}",
             question=question,
-            answer=_text(row["answer"]).strip(),
+            answer=_text(row.get("answer")).strip(),
             extra=extra,
             choices=parse_choices(question),
         )
+        _check_answer(sample, row.get("answer"), f"{path} row {i}")
         _check_image_file(sample, folder / "images" / _text(row["image_path"]))
         samples.append(sample)
     return samples
@@ -306,13 +344,14 @@ def load_mathvista(data_dir: Path) -> list[EvalSample]:
     samples = []
     for i, row in enumerate(_mathvista_rows(folder)):
         where = f"mathvista row {i}"
-        _require(row, ("pid", "image", "query", "question_type", "answer"), where)
+        _require(row, ("pid", "image", "query", "question_type"), where)
         metadata = row.get("metadata") or {}
         if isinstance(metadata, str):
             metadata = json.loads(metadata)
-        answer = _text(row["answer"])
+        issue = _answer_issue(row.get("answer"))
+        answer = "" if issue else _text(row["answer"])
         choices = None
-        if row["question_type"] == "multi_choice":
+        if row["question_type"] == "multi_choice" and issue is None:
             choices = [_text(c) for c in (row.get("choices") if row.get("choices") is not None else [])]
             if answer not in choices or len(choices) > len(CHOICE_LETTERS):
                 raise DataError(f"{where} (pid {row['pid']}): answer {answer!r} is not one of its choices")
@@ -328,9 +367,10 @@ def load_mathvista(data_dir: Path) -> list[EvalSample]:
             },
             choices=choices,
         )
+        _check_answer(sample, row.get("answer"), where)
         _check_image_file(sample, folder / _text(row["image"]))
         decoded = row.get("decoded_image")
-        if sample.unreadable and isinstance(decoded, dict) and decoded.get("bytes"):
+        if sample.unreadable and sample.answer and isinstance(decoded, dict) and decoded.get("bytes"):
             # The hub parquet carries the image bytes too: use them when the file is not there.
             _use_image_bytes(sample, decoded["bytes"])
         samples.append(sample)
@@ -347,17 +387,19 @@ def load_mathverse(data_dir: Path) -> list[EvalSample]:
         raise DataError(f"{path}: expected a list of questions")
     samples = []
     for i, row in enumerate(rows):
-        _require(row, ("sample_index", "query_cot", "question_for_eval", "answer", "problem_version", "image"),
-                 f"{path} row {i}")
+        _require(row, ("sample_index", "query_cot", "question_for_eval", "problem_version", "image"), f"{path} row {i}")
         question_for_eval = _text(row["question_for_eval"])
         sample = EvalSample(
             id=_text(row["sample_index"]),
             question=_text(row["query_cot"]),
-            answer=_text(row["answer"]).strip(),
+            answer=_text(row.get("answer")).strip(),
             extra={"problem_version": _text(row["problem_version"]), "question_for_eval": question_for_eval},
             choices=parse_choices(_text(row["query_cot"])) or parse_choices(question_for_eval),
         )
-        if not row["image"]:
+        _check_answer(sample, row.get("answer"), f"{path} row {i}")
+        if sample.unreadable:
+            pass
+        elif not row["image"]:
             sample.mark_unreadable("no image named in testmini.json")
         else:
             _check_image_file(sample, folder / "images" / _text(row["image"]))
@@ -395,8 +437,9 @@ def load_mathvision(data_dir: Path) -> list[EvalSample]:
             extra={"category": row.get("category") or "unknown"},
             choices=choices,
         )
+        _check_answer(sample, row["answer"], f"{path} (index {row['index']})")
         _check_image_file(sample, folder / "images" / f"{row['index']}.jpg")
-        if sample.unreadable and len(row.get("image", "")) > 100:
+        if sample.unreadable and sample.answer and len(row.get("image", "")) > 100:
             # Some MathVision.tsv files embed the image as base64: use it when the file is absent.
             try:
                 _use_image_bytes(sample, base64.b64decode(row["image"]))
@@ -421,14 +464,15 @@ def load_hallubench(data_dir: Path) -> list[EvalSample]:
     samples = []
     for i, row in enumerate(rows):
         where = f"{path} row {i}"
-        _require(row, ("set_id", "figure_id", "question_id", "question", "gt_answer", "filename"), where)
+        _require(row, ("set_id", "figure_id", "question_id", "question", "filename"), where)
         if not row["filename"]:
             continue  # a text-only question: not part of the visual benchmark
+        issue = _answer_issue(row.get("gt_answer"))
         try:
-            gt = int(row["gt_answer"])
+            gt = int(row["gt_answer"]) if issue is None else -1
         except (TypeError, ValueError):
             gt = -1
-        if gt not in (0, 1):
+        if issue is None and gt not in (0, 1):
             raise DataError(f"{where}: gt_answer {row['gt_answer']!r} is not 0 or 1")
         filename = _text(row["filename"])
         filename = filename[2:] if filename.startswith("./") else filename
@@ -438,6 +482,7 @@ def load_hallubench(data_dir: Path) -> list[EvalSample]:
             answer="yes" if gt == 1 else "no",
             extra={"subcategory": _text(row.get("subcategory")), "category": _text(row.get("category"))},
         )
+        _check_answer(sample, row.get("gt_answer"), where)
         _check_image_file(sample, folder / "images" / filename)
         samples.append(sample)
     return samples
@@ -461,28 +506,55 @@ def _embedded_extra(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_embedded(corpus_dir: Path, split: str) -> list[EvalSample]:
+    """Every row of the split, judged one by one (the table is read without the loaders' all-or-nothing check): a row
+    whose image is absent, not one, or does not open, or whose answer is missing, is kept and marked unreadable. The
+    image stays encoded until it is generated, like the benchmarks' files."""
     from noisyrollout.data.loaders import load_examples  # imports `datasets`: only when needed
 
-    dataset = load_examples(str(corpus_dir), split=split)
+    dataset = load_examples(str(corpus_dir), split=split, validate=False)
+    rows = dataset.with_format("arrow")[:].to_pylist()   # images as {bytes, path}: nothing decoded here
+    where = f"{corpus_dir} [{split}]"
     samples = []
-    for i, row in enumerate(dataset):
-        question = _text(row["problem"])
+    for i, row in enumerate(rows):
+        question = _text(row.get("problem"))
         if question.startswith("<image>"):
             question = question[len("<image>"):].lstrip()
         sample = EvalSample(
-            id=_text(row.get("id", i)),
+            id=_text(row["id"]) if row.get("id") is not None else str(i),
             question=question,
-            answer=_text(row["answer"]),
+            answer=_text(row.get("answer")),
             extra=_embedded_extra(row),
             choices=parse_choices(question),
         )
-        images = row.get("images") or []
-        if not images or images[0] is None:
-            sample.mark_unreadable("no image in the row")
+        _check_answer(sample, row.get("answer"), f"{where} row {i}")
+        images = [im for im in row.get("images") or [] if im is not None]
+        if sample.unreadable:
+            pass
+        elif len(images) != 1:
+            sample.mark_unreadable(f"{len(images)} images in {where} row {i} (one expected)")
         else:
-            sample.image = images[0]
+            _embedded_image(sample, images[0], f"{where} row {i}")
         samples.append(sample)
     return samples
+
+
+def _embedded_image(sample: EvalSample, cell: dict[str, Any], where: str) -> None:
+    """Keep the row's encoded image on the sample, or mark it unreadable when it has none or its header does not
+    open (a zero-byte or unknown file, a decompression bomb)."""
+    data, path = cell.get("bytes"), cell.get("path")
+    if data is None:
+        if path and Path(path).is_file():
+            data = Path(path).read_bytes()
+        else:
+            sample.mark_unreadable(f"missing image: {path or 'no bytes and no path'} ({where})")
+            return
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            im.size
+    except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
+        sample.mark_unreadable(f"unreadable image: {where} ({type(exc).__name__})")
+        return
+    sample.image_bytes = data
 
 
 def load_embedded_test(corpus_dir: Path) -> list[EvalSample]:
@@ -535,4 +607,20 @@ def load_benchmark(name: str, *, data_dir: Path | None = None, corpus_dir: Path 
         raise DataError(f"{name}: {reason}")
     source = corpus_dir if name in EMBEDDED_SPLITS else data_dir
     assert source is not None
-    return LOADERS[name](Path(source))
+    return unique_ids(name, LOADERS[name](Path(source)))
+
+
+def unique_ids(name: str, samples: list[EvalSample]) -> list[EvalSample]:
+    """Rename the second, third, ... sample of an id to `<id>#2`, `<id>#3`, ... (logged), so every sample keeps its
+    own record; the order is kept."""
+    seen: dict[str, int] = {}
+    renamed = []
+    for sample in samples:
+        seen[sample.id] = seen.get(sample.id, 0) + 1
+        if seen[sample.id] > 1:
+            renamed.append(sample.id)
+            sample.id = f"{sample.id}#{seen[sample.id]}"
+    if renamed:
+        log.warning("%s: %d duplicate id(s) renamed <id>#<n>: %s", name, len(renamed),
+                    ", ".join(dict.fromkeys(renamed)))
+    return samples

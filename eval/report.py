@@ -1,8 +1,8 @@
 """Reports: per-benchmark JSON, summary.json, summary.md and a bar chart (summary.png).
 
 `OUT/<benchmark>.json` = {"results": [...], "metrics": {...}, "config": {...}}. Metrics count every
-sample: `n_total` = all loaded, `n_unreadable` = image missing or unreadable (not generated),
-`n_scored` = the rest. `accuracy` is over scored samples (the authors' suite silently skipped
+sample: `n_total` = all loaded, `n_unreadable` = not scorable (image missing or unreadable, or no
+ground-truth answer; not generated; each row's `error` says why), `n_scored` = the rest. `accuracy` is over scored samples (the authors' suite silently skipped
 unreadable images, so this is the comparable number); `accuracy_all` counts unreadable samples as
 wrong. Sub-accuracies are over scored samples too.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -27,11 +27,14 @@ SYSTEM_PROMPT = (
 
 # Validation context key: check that the folders parameters name exist (`load_params` sets it; a plain
 # `Params.model_validate` of a dump, as in a Ray learner whose working directory may differ, does not).
+Beta = Annotated[float, Field(ge=0, lt=1)]   # an Adam beta: 0 <= beta < 1
+PositiveFloat = Annotated[float, Field(gt=0)]
 CHECK_PATHS = "check_paths"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # allow_inf_nan=False: a bound such as `gt=0` lets inf (and an unbounded float lets nan) through otherwise
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -52,7 +55,7 @@ class DataConfig(Section):
     sizes: dict[str, int] = Field({"train": 3000, "val": 600, "test": 600, "ood": 6300}, description="Examples per split (ood: spread evenly over its 21 shift x level cells).")
     min_pixels: int = Field(3136, ge=784, description="Images are resized to at least this many pixels (aspect kept).")
     max_pixels: int = Field(3136, ge=784, description="Images are resized to at most this many pixels (aspect kept).")
-    seed: int = Field(0, description="Seed of the corpus renderer.")
+    seed: int = Field(0, ge=0, description="Seed of the corpus renderer.")
 
     @model_validator(mode="after")
     def _pixel_range(self) -> "DataConfig":
@@ -72,22 +75,22 @@ class DataConfig(Section):
 
 class TinyModelConfig(Section):
     vocab_size: int = Field(1024, ge=300, description="BPE vocabulary size of the locally trained tokenizer.")
-    hidden_size: int = Field(128, description="Text decoder hidden size.")
-    intermediate_size: int = Field(512, description="Text decoder MLP size.")
-    num_hidden_layers: int = Field(2, description="Text decoder layers.")
-    num_attention_heads: int = Field(4, description="Text decoder attention heads.")
-    num_key_value_heads: int = Field(2, description="Text decoder key/value heads (GQA).")
-    max_position_embeddings: int = Field(2048, description="Longest sequence the decoder supports.")
-    vision_depth: int = Field(2, description="Vision transformer blocks.")
-    vision_hidden_size: int = Field(64, description="Vision transformer hidden size.")
-    vision_intermediate_size: int = Field(256, description="Vision transformer MLP size.")
-    vision_num_heads: int = Field(4, description="Vision transformer heads.")
-    patch_size: int = Field(14, description="Vision patch side in pixels.")
-    spatial_merge_size: int = Field(2, description="Patches merged per side into one image token.")
+    hidden_size: int = Field(128, ge=1, description="Text decoder hidden size.")
+    intermediate_size: int = Field(512, ge=1, description="Text decoder MLP size.")
+    num_hidden_layers: int = Field(2, ge=1, description="Text decoder layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Text decoder attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="Text decoder key/value heads (GQA).")
+    max_position_embeddings: int = Field(2048, ge=1, description="Longest sequence the decoder supports.")
+    vision_depth: int = Field(2, ge=1, description="Vision transformer blocks.")
+    vision_hidden_size: int = Field(64, ge=1, description="Vision transformer hidden size.")
+    vision_intermediate_size: int = Field(256, ge=1, description="Vision transformer MLP size.")
+    vision_num_heads: int = Field(4, ge=1, description="Vision transformer heads.")
+    patch_size: int = Field(14, ge=1, description="Vision patch side in pixels.")
+    spatial_merge_size: int = Field(2, ge=1, description="Patches merged per side into one image token.")
     image_mean: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="Normalisation mean: white maps to 0.")
-    image_std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
-    min_pixels: int = Field(3136, description="Processor lower bound on pixels per image.")
-    max_pixels: int = Field(200704, description="Processor upper bound on pixels per image.")
+    image_std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = Field((0.5, 0.5, 0.5), description="Normalisation std.")
+    min_pixels: int = Field(3136, ge=1, description="Processor lower bound on pixels per image.")
+    max_pixels: int = Field(200704, ge=1, description="Processor upper bound on pixels per image.")
 
 
 class ModelConfig(Section):
@@ -126,7 +129,7 @@ class SFTConfig(Section):
     warmup_steps: int = Field(10, ge=0, description="Warm-up steps.")
     min_lr_rate: float = Field(0.1, ge=0, le=1, description="The cosine decay ends at this fraction of `lr`.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW (beta1, beta2).")
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW (beta1, beta2).")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     noise_prob: float = Field(0.0, ge=0, le=1, description="Fraction of SFT images given gaussian noise (robustness, "
                               "as a pretrained model has; 0 = clean SFT).")
@@ -163,7 +166,10 @@ class NoiseConfig(Section):
         if top is None:   # a tv: transform; imported only then (torchvision is heavy, most stages need none of it)
             from noisyrollout.algo.augment import check_distortion
 
-            top = check_distortion(self.distortion)
+            try:
+                top = check_distortion(self.distortion)
+            except ValueError as exc:   # name the key: the message alone names only the distortion
+                raise ValueError(f"noise.distortion: {exc}") from None
         if top is not None and self.alpha0 > top:
             raise ValueError(f"noise.alpha0={self.alpha0:g} is out of range for {self.distortion} (at most {top:g})")
         if self.anneal in ANNEAL_COEFS:
@@ -210,7 +216,7 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0, description="Learning rate (constant after warm-up).")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW (beta1, beta2), also of the DeepSpeed "
+    adam_betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW (beta1, beta2), also of the DeepSpeed "
                                             "learners.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     estimator: Literal["grpo", "rloo", "reinforce_pp", "dr_grpo"] = Field("grpo", description="Advantage estimator.")
@@ -222,7 +228,7 @@ class TrainConfig(Section):
     accuracy_only: bool = Field(False, description="Reward = accuracy alone.")
     output_dir: Path = Field(Path("runs/embedded/rl"), description="Where the trained policy and metrics go.")
     log_every: int = Field(1, ge=1, description="Print one line every this many steps.")
-    seed: int | None = Field(None, description="Seed of the RL stage alone (prompt order, rollout sampling, noise draws); "
+    seed: int | None = Field(None, ge=0, description="Seed of the RL stage alone (prompt order, rollout sampling, noise draws); "
                              "null = the global `seed`. Changing it reruns only `train` and what follows, from the same "
                              "SFT checkpoint: how the ablation's seeds differ.")
 
@@ -278,7 +284,7 @@ class TrackingConfig(Section):
 class ValConfig(Section):
     batch_size: int = Field(128, ge=1, description="Prompts per generation batch of the validation after `sft` and `train`.")
     max_new_tokens: int = Field(24, ge=1, description="Longest validation response, in tokens.")
-    limit: int | None = Field(None, description="Use at most this many validation examples (null = all).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many validation examples (null = all).")
 
 
 class EvalConfig(Section):
@@ -292,11 +298,11 @@ class EvalConfig(Section):
     output_dir: Path = Field(Path("runs/embedded/eval"), description="Where `eval` writes <benchmark>.json and the summary.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding (the authors' setting).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold when temperature > 0.")
-    min_pixels: int | None = Field(None, description="With max_pixels, resize eval images to at least this many "
+    min_pixels: int | None = Field(None, ge=1, description="With max_pixels, resize eval images to at least this many "
                                      "pixels (null = no resize; authors: 262144).")
-    max_pixels: int | None = Field(None, description="With min_pixels, resize eval images to at most this many "
+    max_pixels: int | None = Field(None, ge=1, description="With min_pixels, resize eval images to at most this many "
                                      "pixels (null = no resize; authors: 1000000).")
-    limit: int | None = Field(None, description="Evaluate only the first N samples of each benchmark (null = all).")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N samples of each benchmark (null = all).")
     judge_max_retries: int = Field(3, ge=0, description="LLM judge (NOISYROLLOUT_JUDGE_* environment): retries of a "
                                    "failed request after the first attempt.")
     judge_max_workers: int = Field(8, ge=1, description="LLM judge: concurrent requests.")
@@ -310,6 +316,8 @@ class GateConfig(Section):
                               "(stage `validate`) checks, among those `prepare` wrote.")
     min_image_pixels: int = Field(784, ge=1, description="Smallest image (w*h) accepted: 784 = one 28x28 image token.")
     max_image_pixels: int = Field(16_777_216, ge=1, description="Largest image (w*h) accepted (4096 x 4096).")
+    max_problem_chars: int = Field(16_384, ge=1, description="Longest problem accepted, in characters (a 1 MB problem "
+                                   "is no prompt a context holds).")
     docs_dir: Path = Field(Path("runs/data_docs"), description="Where the gate writes its Great Expectations Data Docs (HTML).")
 
 
@@ -330,12 +338,13 @@ class OrchestrationConfig(Section):
     @model_validator(mode="after")
     def _one_schedule(self) -> "OrchestrationConfig":
         if (self.cron is None) == (self.interval_seconds is None):
-            raise ValueError("set exactly one of cron and interval_seconds")
+            raise ValueError("orchestration.cron, orchestration.interval_seconds: set exactly one of them (the other "
+                             "null)")
         return self
 
 
 class Params(Section):
-    seed: int = Field(0, description="Global seed (model init, sampling, noise).")
+    seed: int = Field(0, ge=0, description="Global seed (model init, sampling, noise).")
     threads: int = Field(1, ge=1, description="torch threads per process (1 avoids oversubscription on small CPUs).")
     reports_dir: Path = Field(Path("reports"), description="Small JSON metrics and CSV plot data of every stage (what "
                               "`dvc metrics show` and `dvc plots` read; kept in git, not in the DVC cache).")
@@ -405,23 +414,15 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None,
                 recipe: str | Path | None = None) -> Params:
     """Read `path` (if given), deep-merge `recipe` over it, apply `key=value` overrides, validate. An invalid tree is
-    one ConfigError listing every invalid key, one line each (one line in all when only one is)."""
+    one ConfigError listing every invalid key, one line each (one line in all when only one is); a file that is not
+    a YAML mapping (or an override that is not YAML) is one line naming the file and line (or the override)."""
     tree: dict[str, Any] = {}
     for file in (path, recipe):
-        if file is None:
-            continue
-        file = Path(file)
-        if not file.is_file():
-            raise ConfigError(f"{file}: no such parameters file")
-        try:
-            tree = merge(tree, yaml.safe_load(file.read_text()) or {})
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file}: not valid YAML ({exc})") from None
+        if file is not None:
+            tree = merge(tree, read_yaml_mapping(Path(file)))
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        key, raw = _split_override(item)
+        _set_dotted(tree, key, _override_value(item, raw))
     try:
         return Params.model_validate(tree, context={CHECK_PATHS: True})
     except ValidationError as exc:
@@ -431,21 +432,151 @@ def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | 
     raise ConfigError(f"params: {len(lines)} invalid parameters\n" + "\n".join(f"  {line}" for line in lines))
 
 
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):   # libyaml's parser when there: 20x faster
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice (first on line "
+                                                            f"{seen[key] + 1})", key_node.start_mark)
+            except TypeError:   # an unhashable key: the base class names it
+                break
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str, lines: bool = True) -> tuple[int, int, str]:
+    """(line, column, what is wrong), 1-based, of a PyYAML error, on one line (`lines`: the context's line too)."""
+    if isinstance(exc, yaml.reader.ReaderError):   # a character YAML does not allow (a control character)
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        return line, column, f"character {chr(exc.character)!r} is not allowed in YAML"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and lines and context_mark is not None and context_mark is not mark:
+        problem += f" ({context} from line {context_mark.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    return (mark.line + 1, mark.column + 1, problem) if mark is not None else (1, 1, problem)
+
+
+# Every character `str.splitlines` breaks at, escaped as repr writes it: a message stays one line whatever the keys hold.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_LINE_BREAKS)
+
+
+def read_yaml_mapping(file: Path) -> dict[str, Any]:
+    """The mapping a parameters (or recipe) file holds. Anything else (missing, unreadable, not UTF-8, not YAML, a
+    key given twice, empty, a list or a scalar at the top) is a one-line ConfigError `<file>:<line>:<column>: ...`."""
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such parameters file")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the parameters file ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{file}:{line}: not a UTF-8 text file (byte {data[exc.start]:#04x} at offset "
+                          f"{exc.start})") from None
+    try:
+        loader = _StrictLoader(text)   # the reader checks every character here already
+        try:
+            node = loader.get_single_node()
+            tree = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        line, column, problem = _yaml_problem(exc, text)
+        raise ConfigError(_one_line(f"{file}:{line}:{column}: not valid YAML: {problem}")) from None
+    if node is None:
+        raise ConfigError(f"{file}:1: empty parameters file (expected a mapping of sections, as params.yaml has)")
+    if not isinstance(tree, dict):
+        kind = "a list" if isinstance(tree, list) else f"the {type(tree).__name__} {tree!r}"[:80]
+        raise ConfigError(_one_line(f"{file}:{node.start_mark.line + 1}: the top level must be a mapping of "
+                                    f"sections (section: {{key: value}}), not {kind}"))
+    return tree
+
+
+def _split_override(item: str) -> tuple[str, str]:
+    """(dotted key, raw value) of a `section.key=value` override; a missing `=` or an empty key part is refused."""
+    if "=" not in item:
+        raise ConfigError(_one_line(f"override {item!r} is not of the form section.key=value"))
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part.strip() for part in key.split(".")):
+        raise ConfigError(_one_line(f"override {item!r}: {key!r} is not a dotted key (section.key=value)"))
+    return key, raw
+
+
+def _override_value(item: str, raw: str) -> Any:
+    """The value of an override, read as YAML (`-S train.lr=1e-4`, `-S data.tasks=[count]`)."""
+    try:
+        loader = _StrictLoader(raw)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise ConfigError(_one_line(f"override {item!r}: the value is not valid YAML: "
+                                    f"{_yaml_problem(exc, raw, lines=False)[2]}")) from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def _field_key(loc: list[str]) -> tuple[str, str]:
+    """(dotted key of the parameter an error location lies in, the rest of the location): `data.tasks.1` is item
+    `1` of the parameter `data.tasks`; a section or an unknown key is its own parameter."""
+    model: Any = Params
+    for i, part in enumerate(loc):
+        field = model.model_fields.get(part) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ".".join(loc[:i + 1]), ".".join(loc[i + 1:])
+        model = annotation
+    return ".".join(loc), ""
+
+
 def _error_lines(exc: ValidationError) -> Iterator[str]:
-    """One line per invalid key of a failed validation, each naming its dotted key."""
+    """One line per invalid key of a failed validation, each naming its dotted key: several errors inside one
+    parameter (items of a list, a tuple or a mapping) share its line."""
+    grouped: dict[str, list[tuple[str | None, str]]] = {}   # key -> [(location inside it, message)]
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
         where = ".".join(loc)
-        if err["type"] == "value_error":   # our own checks: their messages name the keys
+        if err["type"] == "value_error":   # our own checks: their messages name the keys (None: a whole line)
             msg = str(err["msg"]).removeprefix("Value error, ")
-            yield msg if not where or msg.startswith(where) else f"{where}: {msg}"
+            grouped.setdefault(where, []).append((None, msg if not where or msg.startswith(where) else f"{where}: {msg}"))
         elif err["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(loc[-1], list(_fields_at(loc[:-1])), n=1)
             also = f" (did you mean {'.'.join([*loc[:-1], hint[0]])}?)" if hint else ""
             for key, value in _leaves(where, err.get("input")):
-                yield f"{key}: not a parameter{also} (got {value!r})"
+                grouped.setdefault(key, []).append((None, f"{key}: not a parameter{also} (got {_short(value)})"))
         else:
-            yield f"{where or 'the parameters file'}: {err['msg']} (got {err.get('input')!r})"
+            key, rest = _field_key(loc) if loc else ("the parameters file", "")
+            grouped.setdefault(key, []).append((rest, f"{err['msg']} (got {_short(err.get('input'))})"))
+    for key, items in grouped.items():
+        if len(items) == 1:
+            rest, msg = items[0]
+            line = msg if rest is None else f"{'.'.join(filter(None, [key, rest]))}: {msg}"
+        else:
+            line = f"{key}: {len(items)} invalid items: " + "; ".join(msg if rest is None else f"{rest}: {msg}"
+                                                                       for rest, msg in items)
+        yield _one_line(line)
 
 
 def _fields_at(loc: list[str]) -> dict[str, Any]:

@@ -11,10 +11,12 @@ one ExpectationSuite per split, result_format COMPLETE, UpdateDataDocsAction). T
 4. ids are not null and unique;
 5. every row has exactly 1 image (the trainer and the engines take one image per prompt), every image decodes (PIL ``load()``), and the smallest / largest image of the row has
    a pixel count (w*h) within ``[min_image_pixels, max_image_pixels]``;
-6. the problem holds one ``<image>`` placeholder per image.
+6. the problem holds one ``<image>`` placeholder per image;
+7. the problem is at most ``max_problem_chars`` characters long (a 1 MB problem would be a prompt no context holds).
 
-A failed expectation is reported with the rows it failed on, mapped to their ids (``row 12 (id train-00012): ...``);
-Data Docs (HTML) go to ``docs_dir``. This module is imported lazily (GX takes seconds to import): keep it that way.
+A failed expectation is reported with the rows it failed on, mapped to their ids (``row 12 (id train-00012): ...``):
+the summary shows the first few per expectation, and ``docs_dir/bad_rows.csv`` names every one (split, row, id,
+expectation, column, detail), as `GateResult.bad_rows()` does; Data Docs (HTML) go to ``docs_dir``. This module is imported lazily (GX takes seconds to import): keep it that way.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from typing import Any, Sequence
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")   # before any great_expectations import: no network calls
 
-__all__ = ["GateResult", "run_gate", "REQUIRED_COLUMNS", "PLACEHOLDER"]
+__all__ = ["GateResult", "run_gate", "REQUIRED_COLUMNS", "PLACEHOLDER", "BAD_ROWS_CSV", "MAX_PROBLEM_CHARS"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("id", "images", "problem", "answer")
 PLACEHOLDER = "<image>"
+BAD_ROWS_CSV = "bad_rows.csv"            # in docs_dir: every row that failed, one line per (row, expectation)
+MAX_PROBLEM_CHARS = 16_384               # run_gate's default bound on a problem's length (params: gate.max_problem_chars)
 SITE_NAME = "noisyrollout_gate"
 _VALUE_CHARS = 60
-_GX_OWNED = ("index.html", "expectations", "validations", "static")   # what a Data Docs site writes in docs_dir
+_GX_OWNED = ("index.html", "expectations", "validations", "static", BAD_ROWS_CSV)   # what a Data Docs site writes in docs_dir
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 _DERIVED = ("n_images", "images_decodable", "min_image_pixels", "max_image_pixels", "n_image_placeholders")
 
@@ -49,6 +53,23 @@ class GateResult:
     success: bool
     splits: dict[str, dict] = field(default_factory=dict)
     docs_index: Path | None = None
+    bad_rows_file: Path | None = None
+
+    def bad_rows(self) -> list[dict[str, Any]]:
+        """Every failed (row, expectation), in split order: split, row, id, expectation, column, detail. A failure
+        that is not about rows (a missing table or column) is one entry with row and id None."""
+        out = []
+        for split, info in self.splits.items():
+            for failure in info.get("failures", []):
+                rows, ids, details = failure.get("rows", []), failure.get("ids", []), failure.get("details", [])
+                if not rows:
+                    out.append({"split": split, "row": None, "id": None, "expectation": failure["expectation"],
+                                "column": failure.get("column"), "detail": " ".join(failure.get("examples", []))})
+                for k, row in enumerate(rows):
+                    out.append({"split": split, "row": row, "id": ids[k] if k < len(ids) else None,
+                                "expectation": failure["expectation"], "column": failure.get("column"),
+                                "detail": details[k] if k < len(details) else ""})
+        return out
 
     def summary(self) -> str:
         """Human-readable, one block per split: every failed expectation with its column, count and example rows,
@@ -70,6 +91,8 @@ class GateResult:
                 lines.extend(f"        {example}" for example in examples)
                 if count > len(examples):
                     lines.append(f"        ... and {count - len(examples)} more")
+        if not self.success and self.bad_rows_file is not None:
+            lines.append(f"  every failed row: {self.bad_rows_file}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -88,6 +111,8 @@ class GateResult:
 
 
 def _short_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "null"
     text = repr(value)
     return text if len(text) <= _VALUE_CHARS else text[:_VALUE_CHARS - 3] + "..."
 
@@ -208,7 +233,7 @@ def _context(docs_dir: Path):
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-def _suite(gx, name: str, columns: Sequence[str], min_pixels: int, max_pixels: int):
+def _suite(gx, name: str, columns: Sequence[str], min_pixels: int, max_pixels: int, max_problem_chars: int):
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
@@ -220,6 +245,8 @@ def _suite(gx, name: str, columns: Sequence[str], min_pixels: int, max_pixels: i
         if text in present:
             expectations += [gxe.ExpectColumnValuesToNotBeNull(column=text),
                              gxe.ExpectColumnValuesToMatchRegex(column=text, regex=r"\S")]
+    if "problem" in present:
+        expectations.append(gxe.ExpectColumnValueLengthsToBeBetween(column="problem", max_value=max_problem_chars))
     if "n_images" in present:
         measured = Column("min_image_pixels") >= 0     # rows whose images all decoded; the others fail above
         expectations += [
@@ -238,7 +265,7 @@ def _suite(gx, name: str, columns: Sequence[str], min_pixels: int, max_pixels: i
     return suite
 
 
-def _example(frame, notes: list[str], row: Any, value: Any, kind: str, column: str | None) -> str:
+def _example(frame, notes: list[str], row: Any, value: Any, kind: str, column: str | None, limit: int) -> str:
     if not isinstance(row, int) or not 0 <= row < len(frame):
         return _short_value(value)
     ident = frame["id"].iloc[row] if "id" in frame.columns else None
@@ -249,10 +276,12 @@ def _example(frame, notes: list[str], row: Any, value: Any, kind: str, column: s
     if kind == "expect_column_pair_values_to_be_equal":
         placeholders, images = frame["n_image_placeholders"].iloc[row], frame["n_images"].iloc[row]
         return f"{head}: {placeholders} {PLACEHOLDER} placeholder(s) for {images} image(s)"
+    if kind == "expect_column_value_lengths_to_be_between" and isinstance(value, str):
+        return f"{head}: {len(value)} characters (at most {limit}): {_short_value(value)}"
     return f"{head}: {_short_value(value)}"
 
 
-def _failures(result, frame, notes: list[str], max_examples: int) -> tuple[int, list[dict]]:
+def _failures(result, frame, notes: list[str], max_examples: int, max_problem_chars: int) -> tuple[int, list[dict]]:
     failures = []
     for item in result.results:
         if item.success:
@@ -265,24 +294,25 @@ def _failures(result, frame, notes: list[str], max_examples: int) -> tuple[int, 
         if kind == "expect_column_to_exist":
             found = ", ".join(str(c) for c in frame.columns if c not in _DERIVED)
             failures.append({"expectation": kind, "column": column, "unexpected_count": 0, "rows": [], "ids": [],
-                             "examples": [f"column {column!r} is missing (the table has: {found})"]})
+                             "details": [], "examples": [f"column {column!r} is missing (the table has: {found})"]})
             continue
         if exc.get("raised_exception"):
             failures.append({"expectation": kind, "column": column, "unexpected_count": 0, "rows": [], "ids": [],
-                             "examples": [f"error: {(exc.get('exception_message') or '').strip()[:200]}"]})
+                             "details": [], "examples": [f"error: {(exc.get('exception_message') or '').strip()[:200]}"]})
             continue
         rows = list(info.get("unexpected_index_list") or [])
         values = list(info.get("unexpected_list") or info.get("partial_unexpected_list") or [])
         rows = [int(r) if hasattr(r, "__index__") else r for r in rows]
         count = int(info.get("unexpected_count") or len(rows) or len(values))
         if rows:
-            examples = [_example(frame, notes, r, values[i] if i < len(values) else None, kind, column)
-                        for i, r in enumerate(rows[:max_examples])]
+            details = [_example(frame, notes, r, values[i] if i < len(values) else None, kind, column, max_problem_chars)
+                       for i, r in enumerate(rows)]
+            examples = details[:max_examples]
         else:
-            examples = [_short_value(v) for v in values[:max_examples]]
+            details, examples = [], [_short_value(v) for v in values[:max_examples]]
         ids = [str(frame["id"].iloc[r]) for r in rows if isinstance(r, int) and "id" in frame.columns]
         failures.append({"expectation": kind, "column": column, "unexpected_count": count, "rows": rows, "ids": ids,
-                         "examples": examples})
+                         "details": details, "examples": examples})
     return len(result.results), failures
 
 
@@ -297,9 +327,10 @@ def _clear_docs(docs_dir: Path) -> None:
 
 
 def run_gate(prepared_dir: Path, splits: Sequence[str], *, docs_dir: Path, min_image_pixels: int,
-             max_image_pixels: int, max_examples: int = 5) -> GateResult:
-    """Validate `prepared_dir/<split>.parquet` for every split in `splits` (a missing one fails); write Data Docs to
-    `docs_dir`. Never raises for bad data: the result says what failed where."""
+             max_image_pixels: int, max_examples: int = 5, max_problem_chars: int = MAX_PROBLEM_CHARS) -> GateResult:
+    """Validate `prepared_dir/<split>.parquet` for every split in `splits` (a missing one fails); write Data Docs and,
+    when anything failed, `bad_rows.csv` (every failed row) to `docs_dir`. Never raises for bad data: the result says
+    what failed where."""
     prepared_dir, docs_dir = Path(prepared_dir), Path(docs_dir)
     report: dict[str, dict] = {}
     tables: dict[str, tuple[Any, list[str]]] = {}
@@ -308,24 +339,45 @@ def run_gate(prepared_dir: Path, splits: Sequence[str], *, docs_dir: Path, min_i
         if not path.is_file():
             report[split] = {"rows": 0, "success": False, "expectations": 1, "failures": [
                 {"expectation": "table_exists", "column": None, "unexpected_count": 0, "rows": [], "ids": [],
-                 "examples": [f"{path} not found (run `noisyrollout prepare`)"]}]}
+                 "details": [], "examples": [f"{path} not found (run `noisyrollout prepare`)"]}]}
             continue
         try:
             tables[split] = _read_table(path, max_image_pixels)
         except Exception as exc:   # noqa: BLE001 - an unreadable table is a failed gate, not a crash
             report[split] = {"rows": 0, "success": False, "expectations": 1, "failures": [
                 {"expectation": "table_readable", "column": None, "unexpected_count": 0, "rows": [], "ids": [],
-                 "examples": [f"{path}: {_short_error(exc)}"]}]}
+                 "details": [], "examples": [f"{path}: {_short_error(exc)}"]}]}
 
     docs_index: Path | None = None
     if tables:
-        docs_index = _validate(tables, report, docs_dir, min_image_pixels, max_image_pixels, max_examples)
+        docs_index = _validate(tables, report, docs_dir, min_image_pixels, max_image_pixels, max_examples,
+                               max_problem_chars)
+    else:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        _clear_docs(docs_dir)
     ordered = {split: report[split] for split in splits if split in report}
-    return GateResult(success=bool(ordered) and all(info["success"] for info in ordered.values()),
-                      splits=ordered, docs_index=docs_index)
+    result = GateResult(success=bool(ordered) and all(info["success"] for info in ordered.values()),
+                        splits=ordered, docs_index=docs_index)
+    if not result.success:
+        result.bad_rows_file = _write_bad_rows(docs_dir / BAD_ROWS_CSV, result.bad_rows())
+    return result
 
 
-def _validate(tables, report, docs_dir: Path, min_pixels: int, max_pixels: int, max_examples: int) -> Path | None:
+def _write_bad_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """`bad_rows.csv`: one line per failed (row, expectation), written whole or not at all."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["split", "row", "id", "expectation", "column", "detail"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def _validate(tables, report, docs_dir: Path, min_pixels: int, max_pixels: int, max_examples: int,
+              max_problem_chars: int) -> Path | None:
     gx_logger = logging.getLogger("great_expectations")
     level = gx_logger.level
     gx_logger.setLevel(logging.ERROR)
@@ -342,7 +394,8 @@ def _validate(tables, report, docs_dir: Path, min_pixels: int, max_pixels: int, 
             for split, (frame, notes) in tables.items():
                 name = f"gate_{split}"
                 batch = source.add_dataframe_asset(name=split).add_batch_definition_whole_dataframe(name=split)
-                suite = context.suites.add(_suite(gx, name, list(frame.columns), min_pixels, max_pixels))
+                suite = context.suites.add(_suite(gx, name, list(frame.columns), min_pixels, max_pixels,
+                                                  max_problem_chars))
                 definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch,
                                                                                         suite=suite))
                 checkpoint = context.checkpoints.add(gx.Checkpoint(
@@ -351,7 +404,7 @@ def _validate(tables, report, docs_dir: Path, min_pixels: int, max_pixels: int, 
                     result_format={"result_format": "COMPLETE"}))
                 outcome = checkpoint.run(batch_parameters={"dataframe": frame})
                 (result,) = outcome.run_results.values()
-                n_expectations, failures = _failures(result, frame, notes, max_examples)
+                n_expectations, failures = _failures(result, frame, notes, max_examples, max_problem_chars)
                 report[split] = {"rows": int(len(frame)), "success": not failures, "expectations": n_expectations,
                                  "failures": failures}
     finally:

@@ -234,3 +234,28 @@ def test_an_unreadable_parquet_fails_instead_of_crashing(tmp_path):
     (failure,) = result.splits["train"]["failures"]
     assert failure["expectation"] == "table_readable"
     assert "train.parquet" in result.summary()
+
+
+def test_training_refuses_tables_changed_since_the_gate_passed_them(tmp_path):
+    """`validate` records the SHA-256 of each table it passed; `prepare` writing new tables without `validate`
+    (a stale passing record) stops training, naming the changed table."""
+    from noisyrollout.config import Params
+    from noisyrollout.errors import NoisyRolloutError
+    from pipelines.stages.common import require_valid_data
+    from pipelines.stages.validate import validate
+
+    prepared = tmp_path / "prepared"
+    for split in ("train", "val", "test", "ood"):
+        _write(prepared, split, _rows(split))
+    params = Params.model_validate({"data": {"prepared_dir": str(prepared)}, "reports_dir": str(tmp_path / "reports"),
+                                    "gate": {"docs_dir": str(tmp_path / "docs")}})
+    assert validate(params, log=lambda _: None)["success"]
+    require_valid_data(params)                                    # as validated: fine
+
+    rows = _rows("train")
+    rows["answer"][0] = "4"                                       # one answer changed, tables rewritten, no validate
+    _write(prepared, "train", rows)
+    with pytest.raises(NoisyRolloutError, match=r"the prepared train table\(s\) in .* changed since the gate passed"):
+        require_valid_data(params)
+    assert validate(params, log=lambda _: None)["success"]       # validated again: fine again
+    require_valid_data(params)

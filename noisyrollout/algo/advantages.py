@@ -36,6 +36,12 @@ def group_stats(rewards: torch.Tensor, groups: Sequence[Hashable]) -> tuple[torc
     mean = torch.zeros(k, dtype=torch.float64).index_add_(0, index, r) / size
     sq = torch.zeros(k, dtype=torch.float64).index_add_(0, index, (r - mean[index]) ** 2)
     std = (sq / (size - 1).clamp(min=1)).sqrt()
+    # a group of equal rewards: its mean is that reward exactly (summing n copies and dividing rounds), its std 0,
+    # so every advantage is exactly 0 (not ~1e-10 after dividing rounding noise by std + 1e-6)
+    low = torch.full((k,), math.inf, dtype=torch.float64).scatter_reduce_(0, index, r, "amin")
+    high = torch.full((k,), -math.inf, dtype=torch.float64).scatter_reduce_(0, index, r, "amax")
+    equal = low == high
+    mean, std = torch.where(equal, low, mean), torch.where(equal, torch.zeros_like(std), std)
     single = size == 1
     mean = torch.where(single, torch.zeros_like(mean), mean)
     std = torch.where(single, torch.ones_like(std), std)

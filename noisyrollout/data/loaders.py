@@ -32,8 +32,8 @@ from PIL import Image, UnidentifiedImageError
 
 from noisyrollout.errors import DataError
 
-__all__ = ["load_examples", "load_records", "validate_examples", "fit_pixels", "parse_hub_spec", "REQUIRED_COLUMNS",
-           "IMAGE_FACTOR"]
+__all__ = ["load_examples", "load_records", "validate_examples", "fit_pixels", "to_rgb", "parse_hub_spec",
+           "REQUIRED_COLUMNS", "IMAGE_FACTOR"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("images", "problem", "answer")
 _IMAGE_LIST = datasets.List(datasets.Image())
@@ -82,11 +82,11 @@ def load_examples(source: str, *, split: str | None = None, validate: bool = Tru
     path = Path(src).expanduser()
     if path.is_dir():
         files = _folder_files(path, split)
-        parts = [_load_file(f) for f in files]
+        parts = [_load_file(f, strict=validate) for f in files]
         ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         label = str(files[0]) if len(files) == 1 else f"{path} ({split} shards)"
     elif path.is_file():
-        ds, label = _load_file(path), str(path)
+        ds, label = _load_file(path, strict=validate), str(path)
     elif path.suffix.lower() in _SUFFIXES or src.startswith((".", "/", "~")):
         raise DataError(f"{src}: no such file or folder")
     elif "@" in src or _HUB_NAME.match(src):
@@ -131,12 +131,12 @@ def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def _load_file(path: Path) -> datasets.Dataset:
+def _load_file(path: Path, strict: bool = True) -> datasets.Dataset:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _load_parquet(path)
     if suffix == ".jsonl":
-        return _load_jsonl(path)
+        return _load_jsonl(path, strict=strict)
     raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected .parquet or .jsonl)")
 
 
@@ -188,7 +188,10 @@ def _read_image_bytes(ref: Any, base: Path | None, where: str) -> dict:
         raise DataError(f"{where}: cannot read image {ref!r} ({_short(exc)})") from exc
 
 
-def _load_jsonl(path: Path) -> datasets.Dataset:
+def _load_jsonl(path: Path, strict: bool = True) -> datasets.Dataset:
+    """Rows of a jsonl file. An answer that is neither text nor a number (a bool, a list, an object) cannot share the
+    table's string column: ``strict`` refuses it naming the row; otherwise (`prepare`, before the gate) it is stored
+    as null, so the gate names the row."""
     rows: list[dict] = []
     keys: dict[str, None] = {}
     try:
@@ -216,6 +219,11 @@ def _load_jsonl(path: Path) -> datasets.Dataset:
             obj["images"] = [_read_image_bytes(r, path.parent, where) for r in imgs]
         if "answer" in obj:
             obj["answer"] = _answer_text(obj["answer"])
+            if obj["answer"] is not None and not isinstance(obj["answer"], str):
+                if strict:
+                    ident = f" (id {obj['id']!r})" if obj.get("id") is not None else ""
+                    raise DataError(f"{where}{ident}: 'answer' must be a string (got {type(obj['answer']).__name__})")
+                obj["answer"] = None
         keys.update(dict.fromkeys(obj))
         rows.append(obj)
     if not rows:
@@ -377,9 +385,24 @@ def validate_examples(ds: datasets.Dataset, source: str) -> None:
 # resizing
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as the model sees it: upright (EXIF Orientation applied), RGB. Transparent pixels become white (not
+    black); 16-bit grayscale keeps its top byte (Pillow's own conversion clips every value above 255 to white);
+    palette, grayscale and CMYK go through Pillow's conversion. An upright RGB image is returned as it is."""
+    from PIL import ImageOps
+
+    if image.getexif().get(0x0112, 1) != 1:   # Orientation: 1 = upright
+        image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
         return image
+    if image.mode in _SIXTEEN_BIT:
+        import numpy as np
+
+        top = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(top, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         out = Image.new("RGB", rgba.size, (255, 255, 255))  # transparent -> white, not black
@@ -390,7 +413,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int, *,
                factor: int = IMAGE_FACTOR) -> Image.Image:
-    """RGB image (transparent pixels -> white) resized, bicubic, to the size the Qwen2-VL image
+    """Upright RGB image (`to_rgb`) resized, bicubic, to the size the Qwen2-VL image
     processor would give it (transformers' ``smart_resize``): sides multiples of ``factor``,
     ``min_pixels <= w*h <= max_pixels``, the aspect ratio as close as whole blocks permit. The
     processor runs ``smart_resize`` on what it is handed and keeps this size, so its patch grid is
@@ -409,7 +432,7 @@ def fit_pixels(image: Image.Image, min_pixels: int, max_pixels: int, *,
 
     if min_pixels < 1 or max_pixels < min_pixels:
         raise ValueError(f"need 1 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-    image = _to_rgb(image)
+    image = to_rgb(image)
     first = size = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels,
                                 max_pixels=max_pixels)
     for _ in range(_RESIZE_PASSES):

@@ -32,14 +32,43 @@ def write_report(reports: Path, name: str, payload: dict[str, Any]) -> Path:
     return write_json(Path(reports) / f"{name}.json", payload, sort_keys=True)
 
 
+VALIDATED = "validated.json"   # in gate.docs_dir: the SHA-256 of each table the gate passed
+
+
+def table_hashes(params: Params, splits: list[str]) -> dict[str, str]:
+    """{split: SHA-256 of `<data.prepared_dir>/<split>.parquet`} for the splits that exist."""
+    import hashlib
+
+    out = {}
+    for split in splits:
+        table = Path(params.data.prepared_dir) / f"{split}.parquet"
+        if table.is_file():
+            h = hashlib.sha256()
+            with table.open("rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+            out[split] = h.hexdigest()
+    return out
+
+
 def require_valid_data(params: Params, adhoc: bool = False) -> None:
     """Training never starts on data the gate failed: refuse when the last `validate` recorded a failure (an ad-hoc
-    run's own gate record first, then the DAG's)."""
+    run's own gate record first, then the DAG's), or when the tables changed since it passed them (`prepare` ran
+    again without `validate`)."""
     records = [reports_for(params, Path(params.gate.docs_dir), True)] if adhoc else []
     record = next((r / "gate.json" for r in [*records, Path(params.reports_dir)] if (r / "gate.json").is_file()), None)
-    if record is not None and not json.loads(record.read_text()).get("success", False):
-        raise NoisyRolloutError(f"the prepared data failed validation ({record}); fix the data, then run "
-                                f"`noisyrollout prepare` and `noisyrollout validate` (or `dvc repro`)")
+    if record is None:
+        return
+    again = "fix the data, then run `noisyrollout prepare` and `noisyrollout validate` (or `dvc repro`)"
+    if not json.loads(record.read_text()).get("success", False):
+        raise NoisyRolloutError(f"the prepared data failed validation ({record}); {again}")
+    stamp = Path(params.gate.docs_dir) / VALIDATED
+    passed = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    changed = [s for s, digest in table_hashes(params, sorted(passed or ["train"])).items() if passed.get(s) != digest]
+    if changed:
+        raise NoisyRolloutError(f"the prepared {', '.join(changed)} table(s) in {params.data.prepared_dir} changed "
+                                f"since the gate passed them ({stamp if stamp.is_file() else 'no record of it'}); "
+                                f"run `noisyrollout validate` (or `dvc repro`)")
 
 
 def reports_for(params: Params, own_dir: Path, adhoc: bool) -> Path:
