@@ -21,7 +21,8 @@ with jitter), waiting a reply's `Retry-After`/`retry-after-ms` instead when it a
 minutes; a reply asking for longer, any other HTTP error or a malformed reply fails at once. Every
 answer is cached on disk under a hash of (model, messages), so a re-run or a re-grade of the same
 predictions makes no request. The API key is held as a `pydantic.SecretStr`: it is never part of
-`describe()`, the repr, the cache, a log line or an exception message.
+`describe()`, the repr, the cache, a log line or an exception message; nor is a `user:password@` part of the
+base URL (masked as `***@` there).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import openai
 from pydantic import SecretStr
 
 from noisyrollout.progress import progress_bar
+from noisyrollout.tracking import safe_uri
 
 log = logging.getLogger("noisyrollout.eval")
 
@@ -134,9 +136,13 @@ class Judge:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    def __repr__(self) -> str:   # the dataclass's own repr would show the base URL as given
+        settings = {**self.describe(), "api_key": self.api_key, "cache_dir": self.cache_dir}   # SecretStr: '*****'
+        return f"Judge({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
     def describe(self) -> dict[str, Any]:
-        """The judge's settings for a report. Holds no secret."""
-        return {"base_url": self.base_url, "model": self.model, "max_retries": self.max_retries}
+        """The judge's settings for a report. Holds no secret (a `user:password@` in the base URL is masked)."""
+        return {"base_url": safe_uri(self.base_url), "model": self.model, "max_retries": self.max_retries}
 
     def _count(self, name: str, delta: int = 1) -> None:
         with self._lock:
@@ -186,7 +192,7 @@ class Judge:
         self._local.attempts = attempts
         if attempts > 1:
             self._count("retries")
-            log.debug("judge: retry %d contacting %s", attempts - 1, self.base_url)
+            log.debug("judge: retry %d contacting %s", attempts - 1, safe_uri(self.base_url))
 
     def close(self) -> None:
         """Close the client's connections (a later request opens a new client)."""
@@ -197,7 +203,7 @@ class Judge:
 
     def _post(self, messages: list[dict[str, str]]) -> str:
         """POST /chat/completions (the client retries); the reply's text. Raises `JudgeError`."""
-        url = f"{self.base_url}/chat/completions"
+        url = safe_uri(f"{self.base_url}/chat/completions")   # for messages: no `user:password@`
         self._local.attempts = 0
         try:
             completion = self._openai().chat.completions.create(

@@ -363,13 +363,31 @@ class Tracker:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
 def safe_uri(uri: str) -> str:
-    """The URI with any `user:password@` part masked (for messages)."""
-    return re.sub(r"(?<=://)[^/@]+@", "***@", str(uri))
+    """The URI (or any text holding URIs, e.g. an MLflow error quoting the URL it called) with every
+    `user:password@` part masked as `***@` (for messages)."""
+    return _USERINFO.sub("***@", str(uri))
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """(the URI without its `user:password@` part, user, password), the two percent-decoded; (uri, None, None) when
+    it has none. A child process given the bare URI and MLFLOW_TRACKING_USERNAME / _PASSWORD authenticates the same
+    (HTTP basic auth) and never quotes the credentials in its own messages."""
+    parts = urllib.parse.urlsplit(str(uri))
+    if "@" not in parts.netloc:
+        return str(uri), None, None
+    bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    user = urllib.parse.unquote(parts.username or "")
+    password = None if parts.password is None else urllib.parse.unquote(parts.password)
+    return bare, user, password
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip()
+    """The first line of an error's message, at most `limit` characters, URI credentials masked (`safe_uri`)."""
+    text = safe_uri(str(exc)).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line if len(line) <= limit else line[:limit] + "..."
 

@@ -212,7 +212,11 @@ def eval_command(
     flags = {"model": model, "engine": engine, "data_dir": data_dir, "datasets": datasets, "output_dir": output_dir,
              "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "min_pixels": min_pixels,
              "max_pixels": max_pixels, "batch_size": batch_size, "limit": limit}
-    overrides = list(set_ or []) + [f"eval.{k}={v}" for k, v in flags.items() if v is not None]
+    from noisyrollout.config import format_value
+
+    # as JSON (which is YAML): a flag's text stays text (`--datasets yes` is not a bool, `--model 'a: b'` no mapping)
+    overrides = list(set_ or []) + [f"eval.{k}={format_value(str(v) if isinstance(v, Path) else v)}"
+                                    for k, v in flags.items() if v is not None]
     _run(_stage_function("evaluate"), params, overrides, recipe, predictions_from=predictions_from, record=False)
 
 
@@ -252,18 +256,23 @@ def serve(params: Path = ParamsOpt, set_: Optional[list[str]] = SetOpt, recipe: 
     import subprocess
 
     from noisyrollout.config import load_params
-    from noisyrollout.tracking import tracking_uri
+    from noisyrollout.tracking import safe_uri, split_credentials, tracking_uri
 
     with _user_errors():
         name = load_params(params, set_, recipe).registry.model_name
     uri = tracking_uri()
     model = f"models:/{name}/{alias}" if alias.isdigit() else f"models:/{name}@{alias}"
-    typer.echo(f"serve: {model} from {uri} on http://{host}:{port}/invocations")
+    typer.echo(f"serve: {model} from {safe_uri(uri)} on http://{host}:{port}/invocations")
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model, "--env-manager", "local",
                "--host", host, "--port", str(port), "--workers", str(workers)]
     bin_dir = str(Path(sys.executable).parent)   # mlflow starts `uvicorn` from PATH: this environment's
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
+    # `user:password@` of the URI goes to the child as basic-auth variables (ones already set win, as they would over
+    # the URI's), so mlflow's own messages, which quote the URL they call, never print it
+    bare, user, password = split_credentials(uri)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": bare, "MLFLOW_REGISTRY_URI": bare,
            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")])}
+    if user is not None and not (env.get("MLFLOW_TRACKING_USERNAME") or env.get("MLFLOW_TRACKING_PASSWORD")):
+        env.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password or "")
     try:
         raise typer.Exit(subprocess.call(command, env=env))
     except KeyboardInterrupt:

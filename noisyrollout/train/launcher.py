@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +77,35 @@ def start_ray(params: Params) -> bool:
         ray.init(address=cfg.address, runtime_env=env, log_to_driver=False)
         return False
     need = cfg.num_learners * cfg.cpus_per_learner
-    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=cfg.dashboard, dashboard_host="127.0.0.1",
-             runtime_env=env, log_to_driver=False, configure_logging=False)
+    with _loopback_only():
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=cfg.dashboard,
+                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=False, configure_logging=False)
     return True
+
+
+# Ray's single-node switch (the default on macOS and Windows): the node's IP is 127.0.0.1, so the GCS, raylet, workers
+# and agents listen on loopback only instead of on every interface. Set it to 1 yourself to opt out.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local cluster starts: Ray's single-node mode, unless the environment chose. Ray reads the variable at
+    import (so the constant is set too, for a driver that imported ray first); the processes the start spawns inherit
+    it; afterwards the driver's environment is as it was, so a later `cluster.address` run is not affected."""
+    from ray._private import ray_constants
+
+    if SINGLE_NODE_ENV in os.environ:
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        os.environ.pop(SINGLE_NODE_ENV, None)
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 class RayGroup:
