@@ -7,16 +7,20 @@ given as a choice's *text* (or as "B. 12", "(B) 12") is mapped to its letter, an
 to its choice's text when the ground truth is a text.
 
 math-verify's time limit works only on the main thread (SPEC stack notes): call these functions
-from the main thread; the judge's thread pool only does HTTP.
+from the main thread; the judge's thread pool only does HTTP. One prediction's rules share one `timeout_s`
+budget: once math-verify has spent it (a hostile answer such as `\\boxed{10^{10^{10}}}`), the remaining rules
+are skipped and the prediction is wrong, so a prediction takes about `timeout_s` seconds at most, not one limit
+per choice. An answer holding a character that is not text (NUL, a lone surrogate, U+FFFD) is wrong.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from noisyrollout.algo.reward import extract_boxed, grade_answer
+from noisyrollout.algo.reward import extract_boxed, grade_answer, is_text
 
 from eval.benchmarks import CHOICE_LETTERS
 
@@ -49,11 +53,13 @@ def _plain(text: str) -> str:
     return " ".join(s.rstrip(".").split()).lower()
 
 
-def choice_letter(answer: str, choices: Sequence[str], *, timeout_s: int = 3) -> str | None:
+def choice_letter(answer: str, choices: Sequence[str], *, timeout_s: int = 3,
+                  deadline: float | None = None) -> str | None:
     """The letter an answer names among `choices`: 'B', '(B)', 'B. text', or the text of one choice.
 
     Text matching is exact after light normalisation first, then math-verify equivalence; an answer
-    that matches several choices names none of them.
+    that matches several choices names none of them, and so does one whose math-verify comparisons
+    reach `deadline` (time.monotonic()) before every choice is tried.
     """
     s = _STYLE.sub(r"\1", answer).strip().strip("$").strip()
     m = _LEADING_LETTER.match(s)
@@ -67,21 +73,28 @@ def choice_letter(answer: str, choices: Sequence[str], *, timeout_s: int = 3) ->
         return CHOICE_LETTERS[exact[0]]
     if exact or not plain or len(plain) > _MAX_MATH_CHOICE_CHARS:
         return None
-    equal = [i for i, c in enumerate(choices)
-             if len(c) <= _MAX_MATH_CHOICE_CHARS and grade_answer(answer, c, timeout_s=timeout_s)]
+    equal = []
+    for i, c in enumerate(choices):
+        if len(c) > _MAX_MATH_CHOICE_CHARS:
+            continue
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        if grade_answer(answer, c, timeout_s=timeout_s):
+            equal.append(i)
     return CHOICE_LETTERS[equal[0]] if len(equal) == 1 else None
 
 
 def grade_extracted(extracted: str | None, answer: str, *, choices: Sequence[str] | None = None,
                     timeout_s: int = 3) -> tuple[bool, str | None]:
-    """(correct, graded_by) for an already extracted answer."""
-    if extracted is None or not extracted.strip():
+    """(correct, graded_by) for an already extracted answer, its rules within about `timeout_s` seconds."""
+    if extracted is None or not extracted.strip() or not is_text(extracted):
         return False, None
+    deadline = time.monotonic() + timeout_s
     if grade_answer(extracted, answer, timeout_s=timeout_s):
         return True, "rule"
-    if not choices:
+    if not choices or time.monotonic() >= deadline:
         return False, None
-    letter = choice_letter(extracted, choices, timeout_s=timeout_s)
+    letter = choice_letter(extracted, choices, timeout_s=timeout_s, deadline=deadline)
     if letter is None:
         return False, None
     gold = answer.strip().strip("()").upper()

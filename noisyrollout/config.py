@@ -226,6 +226,12 @@ class TrainConfig(Section):
     loss_agg: Literal["token-mean", "seq-mean-token-sum-norm"] = Field("token-mean", description="Loss aggregation.")
     format_weight: float = Field(0.1, ge=0, le=1, description="Reward = (1 - w) * accuracy + w * format.")
     accuracy_only: bool = Field(False, description="Reward = accuracy alone.")
+    reward_timeout_s: float = Field(3.0, gt=0, description="Wall-clock seconds one response's math-verify may take "
+                                    "(in a worker process, killed after it); the response then scores accuracy 0.")
+    reward_budget_s: float = Field(60.0, gt=0, description="Wall-clock seconds a learner's step may spend grading "
+                                   "its responses; those not graded by then score accuracy 0 (metric reward/timeouts).")
+    reward_workers: int = Field(2, ge=1, description="Worker processes per learner for math-verify (forked on first "
+                                "use; letters, words, integers and exact matches are graded without them).")
     output_dir: Path = Field(Path("runs/embedded/rl"), description="Where the trained policy and metrics go.")
     log_every: int = Field(1, ge=1, description="Print one line every this many steps.")
     seed: int | None = Field(None, ge=0, description="Seed of the RL stage alone (prompt order, rollout sampling, noise draws); "

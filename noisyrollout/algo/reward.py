@@ -31,6 +31,10 @@ _CHOICE = re.compile(r"[A-H]")
 _WORD = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")  # "yes", "red", "dark blue": compared as text
 _INTEGER = re.compile(r"[+-]?\d{1,18}")  # plain integers: compared as numbers, without math-verify
 _LETTER = re.compile(r"[A-Za-z]")
+# NUL and other control characters, lone surrogates (bytes decoded with errors="surrogateescape") and U+FFFD (bytes
+# decoded with errors="replace"): not text, so an answer holding one is wrong (math-verify skips some of them and
+# would read "\x00 3" or "\ufffd( 3" as 3)
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffd]")
 
 _log = logging.getLogger(__name__)
 
@@ -150,14 +154,16 @@ def _math_verify_in_process(gold: str, pred: str, timeout_s: int) -> bool:
     return worker.exitcode == 0
 
 
-def grade_answer(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> bool:
-    """Are two answers equivalent? Choice letters, yes/no and plain words: case-insensitive text.
+def is_text(answer: str) -> bool:
+    """False when the answer holds NUL, another control character, a lone surrogate or U+FFFD (undecodable
+    bytes): such an answer is wrong whatever else it says."""
+    return _NOT_TEXT.search(answer) is None
 
-    Two plain integers: compared as numbers. Anything else: exact normalised match, else math-verify with a time
-    limit (signal.alarm on the main thread, a killable worker process elsewhere). A prediction over
-    MAX_ANSWER_CHARS is False.
-    """
-    if len(prediction) > MAX_ANSWER_CHARS:
+
+def quick_verdict(prediction: str, ground_truth: str) -> bool | tuple[str, str]:
+    """`grade_answer`'s verdict where it needs no math-verify (fast, bounded by the answer's length): True or False;
+    else the normalised (gold, prediction) pair that `math_verify_equal` decides."""
+    if len(prediction) > MAX_ANSWER_CHARS or not is_text(prediction):
         return False
     pred, gold = _normalize(prediction), _normalize(ground_truth)
     if not pred or not gold:
@@ -171,6 +177,26 @@ def grade_answer(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> b
         return int(gold) == int(pred)
     if _INTEGER.fullmatch(gold) and _LETTER.fullmatch(pred):
         return False   # one letter is a symbol (or e, i) to math-verify, never an integer
+    return gold, pred
+
+
+def math_verify_equal(gold: str, pred: str, timeout_s: int = 3) -> bool:
+    """math-verify on a `quick_verdict` pair, each of its phases limited to `timeout_s` seconds (signal.alarm: call
+    it on a main thread, e.g. in a worker process). Any error or timeout is False."""
+    return _math_verify_equal(gold, pred, max(1, int(timeout_s)))  # math-verify disables its timeout for 0
+
+
+def grade_answer(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> bool:
+    """Are two answers equivalent? Choice letters, yes/no and plain words: case-insensitive text.
+
+    Two plain integers: compared as numbers. Anything else: exact normalised match, else math-verify with a time
+    limit (signal.alarm on the main thread, a killable worker process elsewhere). A prediction over
+    MAX_ANSWER_CHARS, or holding a character that is not text (NUL, control, a lone surrogate, U+FFFD), is False.
+    """
+    verdict = quick_verdict(prediction, ground_truth)
+    if isinstance(verdict, bool):
+        return verdict
+    gold, pred = verdict
     timeout_s = max(1, int(timeout_s))  # math-verify disables its timeout for 0
     if threading.current_thread() is threading.main_thread():
         return _math_verify_equal(gold, pred, timeout_s)
@@ -185,6 +211,13 @@ def accuracy_reward(response: str, ground_truth: str, *, timeout_s: int = 3) -> 
     return 1.0 if answer is not None and grade_answer(answer, ground_truth, timeout_s=timeout_s) else 0.0
 
 
+def combine(accuracy: float, fmt: float, *, format_weight: float = 0.1,
+            accuracy_only: bool = False) -> dict[str, float]:
+    """{"overall", "accuracy", "format"}; overall = (1 - w) * accuracy + w * format, or accuracy alone."""
+    overall = accuracy if accuracy_only else (1.0 - format_weight) * accuracy + format_weight * fmt
+    return {"overall": overall, "accuracy": accuracy, "format": fmt}
+
+
 def score(
     response: str,
     ground_truth: str,
@@ -197,9 +230,18 @@ def score(
     if len(response) > MAX_RESPONSE_CHARS:
         return {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
     accuracy = accuracy_reward(response, ground_truth, timeout_s=timeout_s)
-    fmt = format_reward(response)
-    overall = accuracy if accuracy_only else (1.0 - format_weight) * accuracy + format_weight * fmt
-    return {"overall": overall, "accuracy": accuracy, "format": fmt}
+    return combine(accuracy, format_reward(response), format_weight=format_weight, accuracy_only=accuracy_only)
+
+
+def quick_score(response: str, ground_truth: str) -> tuple[float, float | tuple[str, str]]:
+    """`score`'s parts without math-verify: (format, accuracy), the accuracy 1.0 or 0.0, or the `quick_verdict`
+    pair still to be decided by `math_verify_equal` (what a killable worker pool runs)."""
+    if len(response) > MAX_RESPONSE_CHARS:
+        return 0.0, 0.0
+    answer = extract_boxed(response)
+    verdict = False if answer is None else quick_verdict(answer, ground_truth)
+    accuracy = float(verdict) if isinstance(verdict, bool) else verdict
+    return format_reward(response), accuracy
 
 
 def score_batch(responses: Sequence[str], ground_truths: Sequence[str], **kw) -> list[dict[str, float]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ class RolloutScores:
     formats: list[float]
     is_noisy: list[bool]
     lengths: list[int]
+    timed_out: list[bool] = field(default_factory=list)   # grading ran out of time: scored 0 (reward_pool.py)
 
     @staticmethod
     def concat(parts: Sequence["RolloutScores"]) -> "RolloutScores":
@@ -43,6 +44,7 @@ def reward_metrics(s: RolloutScores) -> dict[str, float]:
         "accuracy_noisy": _mean([s.accuracy[i] for i in noisy]),
         "format_rate": _mean(s.formats),
         "response_length": _mean([float(n) for n in s.lengths]),
+        "timeouts": sum(s.timed_out),
     }
 
 
@@ -71,10 +73,11 @@ class StepMetrics:
     time_logprob: float       # old (and reference) log-probs on the clean image
     time_update: float
     time_step: float
+    timeouts: int = 0         # responses whose grading ran out of time (per response or the step's budget): scored 0
 
     GROUPS = {
         "reward": ("reward_mean", "reward_clean", "reward_noisy", "accuracy", "accuracy_clean", "accuracy_noisy",
-                   "format_rate", "response_length"),
+                   "format_rate", "response_length", "timeouts"),
         "noise": ("alpha", "decay"),
         "losses": ("pg_loss", "clip_frac", "approx_kl", "entropy", "kl", "grad_norm", "lr"),
         "time": ("time_generate", "time_reward", "time_logprob", "time_update", "time_step"),

@@ -28,12 +28,12 @@ from PIL import Image
 from noisyrollout.algo.advantages import group_advantages, moments_from_sums
 from noisyrollout.algo.augment import distort
 from noisyrollout.algo.loss import policy_loss
-from noisyrollout.algo.reward import score_batch
 from noisyrollout.algo.schedule import anneal
 from noisyrollout.config import Params
 from noisyrollout.rollout.engine import Engine, Prompt, SamplingParams
 from noisyrollout.train.batching import shard_prompts
 from noisyrollout.train.metrics import RolloutScores, StepMetrics, reward_metrics
+from noisyrollout.train.reward_pool import shared_pool
 from noisyrollout.rollout.chat import EncodedPrompts, cache_image_features, encode_prompts
 from noisyrollout.train.scoring import pad_responses, response_logprobs
 
@@ -161,7 +161,9 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
 
     # 4. Rewards, and 5. advantages over the mixed group of each prompt.
     answers = [batch.answers[p] for p in rollouts.prompt_index.tolist()]
-    scores = score_batch(rollouts.texts, answers, format_weight=cfg.format_weight, accuracy_only=cfg.accuracy_only)
+    graded = shared_pool(cfg.reward_workers, cfg.reward_timeout_s, cfg.reward_budget_s).score_batch(
+        rollouts.texts, answers, format_weight=cfg.format_weight, accuracy_only=cfg.accuracy_only)   # = score_batch
+    scores = graded.scores
     rewards = torch.tensor([s["overall"] for s in scores])
     advantages = batch_advantages(rewards, rollouts.prompt_index, cfg.estimator, collective)
     t_reward = time.perf_counter()
@@ -185,7 +187,7 @@ def noisyrollout_step(step: int, total_steps: int, batch: PromptBatch, *, model:
 
     outcome = RolloutScores(rewards=rewards.tolist(), accuracy=[s["accuracy"] for s in scores],
                             formats=[s["format"] for s in scores], is_noisy=rollouts.is_noisy.tolist(),
-                            lengths=rollouts.response_mask.sum(-1).tolist())
+                            lengths=rollouts.response_mask.sum(-1).tolist(), timed_out=graded.timed_out)
     metrics = StepMetrics(
         step=step, alpha=noise.alpha0 * decay, decay=decay, **reward_metrics(outcome), **stats, lr=optimizer.lr,
         time_generate=t_gen - t0, time_reward=t_reward - t_gen, time_logprob=t_logp - t_reward,
