@@ -9,21 +9,26 @@ Failures: a stage that fails raises `StageFailed` whose message is the stage's o
 `error: ...` line, else DVC's `ERROR: ...` line), so the flow run FAILS with it. `train`, `evaluate`, `register` and
 `promote` retry twice (5 s, then 20 s) on transient failures only: a stage that exited with 2 (noisyrollout's exit code
 for user / data / config errors) or a stage DVC refused to run (dvc.yaml, params, missing deps) is not retried;
-a crash (another exit code, a signal) or DVC's "Unable to acquire lock" is. prepare / validate / build_model / sft
+a crash (another exit code, a signal) or DVC refusing because another DVC process runs is: its repo lock ("Unable
+to acquire lock", one line) or a stage's files ("'<path>' is busy, it is being blocked by:" then "(PID n): <command>"
+lines, folded into one line here). prepare / validate / build_model / sft
 never retry (bad data is not transient). DVC releases its lock when the subprocess ends, so the next run starts
 cleanly; a cancelled task terminates its `dvc` subprocess before it lets go.
 
-No overlapping runs: `serve_deployment` calls `flow.serve(..., limit=1)`. In Prefect 3.9 `limit` is the runner's
-maximum number of concurrently executing flow runs for that served process (a later scheduled run waits until the
-running one ends); `global_limit` would instead set a deployment concurrency limit shared by every process serving the
-deployment. One serving process is the supported setup, so `limit=1` is used; a run started some other way at the
-same time (`dvc repro`, `noisyrollout flow`) is still stopped by DVC's repo lock.
+No overlapping runs: `serve_deployment` calls `flow.serve(..., limit=1, global_limit=ConcurrencyLimitConfig(limit=1,
+collision_strategy=ENQUEUE))`. In Prefect 3.9 `limit` is the runner's maximum number of concurrently executing flow
+runs for that served process; `global_limit` is the deployment's concurrency limit, kept by the Prefect server for
+every process serving the deployment (two `noisyrollout deploy` at once, a run started by hand): a run due while one
+runs waits in Scheduled/`AwaitingConcurrencySlot` and starts when the slot frees (ENQUEUE: none is dropped). A run
+started some other way at the same time (`dvc repro`, `noisyrollout flow`) is still stopped by DVC's repo lock (one
+line, "ERROR: Unable to acquire lock ..."; the stage tasks with retries try again).
 
 Servers bind 127.0.0.1 by default (`prefect_env`); a user's `PREFECT_API_URL` and other settings are never overridden.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -75,6 +80,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _RAN = re.compile(r"Running stage '([\w-]+)'")
 _RESTORED = re.compile(r"Stage '([\w-]+)' is cached - skipping run, checking out outputs")
 _EXITED = re.compile(r"exited with (-?\d+)")
+_BUSY = "is busy, it is being blocked by:"                 # DVC's stage (rwlock) refusal, then "(PID n): cmd" lines
+_LOCKED = ("Unable to acquire lock", _BUSY)                # DVC's refusals when another DVC process runs
 
 
 class StageFailed(RuntimeError):
@@ -126,18 +133,33 @@ def _stream(cmd: list[str], repo: Path, log) -> tuple[int, list[str]]:
                 proc.wait()
 
 
+def _dvc_errors(lines: list[str]) -> list[str]:
+    """DVC's `ERROR: ...` lines, each one line: a stage lock refusal ("'<path>' is busy, it is being blocked by:"
+    followed by "  (PID n): <command>" lines) gets its blockers appended to it."""
+    out = []
+    for i, raw in enumerate(lines):
+        line = raw.strip()
+        if not line.startswith("ERROR: "):
+            continue
+        if line.endswith(_BUSY):
+            blockers = itertools.takewhile(lambda ln: ln.strip().startswith("(PID "), lines[i + 1:])
+            line = " ".join([line, *(b.strip() for b in blockers)])
+        out.append(line)
+    return out
+
+
 def _failure(stage: str, returncode: int, lines: list[str]) -> StageFailed:
     """The one-line error of a failed run, and whether it may be transient."""
     ours = [ln.strip() for ln in lines if ln.strip().startswith("error: ")]
-    dvcs = [ln.strip() for ln in lines if ln.strip().startswith("ERROR: ")]
+    dvcs = _dvc_errors(lines)
     message = (ours or dvcs or [f"{stage}: exited with {returncode}"])[-1]
     exited = [int(m.group(1)) for ln in dvcs for m in [_EXITED.search(ln)] if m]
     if exited:                                  # DVC ran the stage command: its exit code decides
         transient = exited[-1] != USER_ERROR_EXIT   # 2: noisyrollout's user / data / config error; else a crash
     elif ours or returncode == USER_ERROR_EXIT:
         transient = False                       # noisyrollout called directly (restore-data): a user error
-    elif any("Unable to acquire lock" in ln for ln in dvcs):
-        transient = True                        # another DVC process holds the repo
+    elif any(refusal in ln for ln in dvcs for refusal in _LOCKED):
+        transient = True                        # another DVC process holds the repo, or this stage's files
     else:
         transient = returncode < 0              # killed by a signal; else DVC refused the stage (needs a person)
     return StageFailed(stage, message, returncode=returncode, transient=transient)
@@ -215,8 +237,11 @@ def run_once(repo: Path) -> str:
 
 def serve_deployment(repo: Path, *, name: str, cron: Optional[str], interval_seconds: Optional[int]) -> None:
     """Serve the flow as deployment `noisyrollout-dag/<name>` on a schedule (cron or an interval), at most one run at a
-    time (`limit=1`). Blocks until interrupted. A schedule fires only against a real Prefect server
+    time: in this process (`limit=1`) and across every process serving the deployment (its concurrency limit 1; a run
+    due meanwhile waits, ENQUEUE). Blocks until interrupted. A schedule fires only against a real Prefect server
     (PREFECT_API_URL), not the ephemeral one."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     _apply_prefect_env()
     if cron is not None and interval_seconds is not None:
         raise ValueError("give a cron schedule or an interval, not both")
@@ -226,6 +251,7 @@ def serve_deployment(repo: Path, *, name: str, cron: Optional[str], interval_sec
         interval=interval_seconds,
         parameters={"repo": str(Path(repo).resolve())},
         limit=1,
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         tags=["noisyrollout"],
         description="The NoisyRollout DVC DAG (dvc repro --single-item per stage), one run at a time.",
     )

@@ -10,6 +10,24 @@ Everything the promotion rule needs lives in the registry itself, on the model v
 * every promotion decision, promoted or refused, as `promotion.*` tags on the candidate version (decision, reason,
   compared_to, metric, time), so the history can be read back from the versions.
 
+Crashes and concurrency (tests/reliability/test_registry_faults.py):
+
+* a version is created with its `eval.*` tags in one MLflow call, and `challenger` moves only after, so an alias
+  never points at a version without its metrics;
+* `promote` writes the decision before it moves `champion`: the `promotion.*` tags with decision `promoting`, then
+  the alias, then decision `promoted` (a refusal is one write, decision `refused`). So `champion` always points at a
+  version whose eval and promotion tags are present;
+* the next `promote` finishes what a crash left (`_repair`): a `promoting` version that holds `champion` becomes
+  `promoted`; one that does not (killed before the move), and any version older than the candidate that was never
+  judged (its register or promote died), is marked `interrupted` with the reason; `promote --version N` judges it
+  again;
+* `register`'s create + alias and all of `promote` hold one lock per store (`_registry_lock`: a `flock` next to a
+  sqlite database, else in ~/.cache/noisyrollout/locks/), so two promotes on one machine run one after the other and
+  the second judges against the champion the first left. The kernel drops the lock when its holder dies, SIGKILL
+  included. Two machines promoting against one server are not serialised (MLflow has no compare-and-set on aliases).
+* `NOISYROLLOUT_REGISTRY_PAUSE="<point>:<dir>"` (a fault-injection hook for those tests; inert when unset) stops the
+  process at one of `PAUSE_POINTS` until `<dir>/<point>.go` exists, after writing `<dir>/<point>.reached`.
+
 MLflow is imported inside the functions (its import takes seconds). Every MLflow or connection failure surfaces
 as one `NoisyRolloutError` line naming the tracking URI (with any user:password part of it masked). Nothing from
 the environment is logged, and tag names that look like credentials are dropped (`is_secret_key`).
@@ -22,11 +40,13 @@ URI for a `models:/` URI (pass `registry_uri=` too, or set MLFLOW_TRACKING_URI).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +66,13 @@ MODEL_ARTIFACT = "model"
 EVAL_PREFIX = "eval."
 PROMOTION_TAGS = ("promotion.decision", "promotion.reason", "promotion.compared_to", "promotion.metric",
                   "promotion.time")
+PROMOTED, REFUSED, PROMOTING, INTERRUPTED = "promoted", "refused", "promoting", "interrupted"   # promotion.decision
+LOCK_TIMEOUT_S = 300.0     # how long register / promote wait for another one on the same store
+PAUSE_ENV = "NOISYROLLOUT_REGISTRY_PAUSE"
+PAUSE_POINTS = ("register.created",   # the version exists (with its eval tags), `challenger` not yet moved
+                "promote.decided",    # under the lock, the decision made, nothing written
+                "promote.tagged",     # promotion.* tags written (decision `promoting`), `champion` not yet moved
+                "promote.moved")      # `champion` moved, decision still `promoting`
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -88,6 +115,49 @@ def _fluent_store(uri: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _pause(point: str) -> None:
+    """The fault-injection hook (see the module docstring); nothing unless PAUSE_ENV names `point`."""
+    want, _, folder = os.environ.get(PAUSE_ENV, "").partition(":")
+    if want != point or not folder:
+        return
+    (Path(folder) / f"{point}.reached").write_text(str(os.getpid()))
+    while not (Path(folder) / f"{point}.go").exists():
+        time.sleep(0.02)
+
+
+def _lock_path(uri: str) -> Path:
+    """The registry lock of a store: beside a sqlite database (shared by every checkout and DVC queue workspace
+    using it), else one per URI under ~/.cache/noisyrollout/locks."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return db.with_name(f"{db.name}.registry.lock")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "noisyrollout" / "locks" / f"registry-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextlib.contextmanager
+def _registry_lock(uri: str, what: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """One register / promote at a time on this store (waits up to `timeout` s, then one NoisyRolloutError line).
+    A `flock`: released by the kernel when the holder dies, even by SIGKILL, so a crash never leaves it held."""
+    from filelock import FileLock, Timeout
+
+    path = _lock_path(uri)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, timeout=timeout)
+        lock.acquire()
+    except Timeout:
+        raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: {what}: another register or promote has "
+                                f"held {path} for over {timeout:.0f} s") from None
+    except OSError as e:
+        raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: {what}: cannot lock {path}: "
+                                f"{_first_line(e)}") from e
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _client(uri: str):
@@ -219,7 +289,10 @@ def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str,
         with _mlflow_errors(uri, f"logging the servable model into run {source_run}"), _fluent_store(uri):
             source, model_id = log_policy(Path(model_dir), run_id=source_run, **policy)
     # a logged model's source is resolved through MLflow's default store (not the client's), so that is `uri` here too
-    with _mlflow_errors(uri, f"registering {name!r} from {source}"), _fluent_store(uri):
+    # the version is created with its tags in one call (one transaction), then `challenger` moves: an alias never
+    # points at a version without its eval tags; a version left without the alias is marked by the next promote
+    with _registry_lock(uri, f"registering {name!r}"), \
+            _mlflow_errors(uri, f"registering {name!r} from {source}"), _fluent_store(uri):
         try:
             client.create_registered_model(name)
         except MlflowException as e:
@@ -228,6 +301,7 @@ def register(*, name: str, model_dir: Path, run_id: str | None, experiment: str,
         mv = client.create_model_version(name, source=source, run_id=source_run, tags=version_tags,
                                          description=description, model_id=model_id)
         version = str(mv.version)
+        _pause("register.created")
         client.set_registered_model_alias(name, CHALLENGER, version)
         mv = client.get_model_version(name, version)
     log.info("registry: %s version %s (alias %s) from %s", name, version, CHALLENGER, source)
@@ -260,18 +334,61 @@ def _decide(metric: str, margin: float, candidate: str, champion: str | None, ca
     return False, f"{head} < margin {margin:.4f}"
 
 
+def _versions(client, name: str) -> list:
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    return client.search_model_versions(f"name = '{escaped}'")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _repair(client, name: str, champion: str | None, candidate: str) -> dict[str, str]:
+    """Finish what a killed register / promote left (called under the registry lock, before a decision):
+
+    * decision `promoting` on the version that holds `champion` (killed after the move): `promoted`;
+    * decision `promoting` on another version (killed before the move), except the candidate (judged again now):
+      `interrupted`;
+    * no decision on a version older than the candidate (its register or promote died; a newer one is judged now):
+      `interrupted`.
+
+    Returns {version: new decision} of the versions it changed."""
+    changed: dict[str, str] = {}
+    for mv in _versions(client, name):
+        version, tags = str(mv.version), mv.tags or {}
+        decision = tags.get("promotion.decision")
+        if decision == PROMOTING and version == champion:
+            changed[version] = PROMOTED
+        elif decision == PROMOTING and version != candidate:
+            changed[version] = INTERRUPTED
+            client.set_model_version_tag(name, version, "promotion.reason", (
+                f"interrupted: promote was killed before {CHAMPION!r} moved ({tags.get('promotion.reason', '')})"
+            )[:MAX_TAG_VALUE_LENGTH])
+        elif decision is None and version != candidate and int(version) < int(candidate):
+            changed[version] = INTERRUPTED
+            client.set_model_version_tag(name, version, "promotion.reason",
+                                         f"never judged: its register or promote did not finish before v{candidate} "
+                                         f"was judged (`noisyrollout promote --version {version}` judges it)")
+            client.set_model_version_tag(name, version, "promotion.time", _now())
+        else:
+            continue
+        client.set_model_version_tag(name, version, "promotion.decision", changed[version])
+        log.warning("registry: %s v%s left by an interrupted register/promote: marked %s", name, version,
+                    changed[version])
+    return changed
+
+
 def promote(*, name: str, metric: str = "mean_accuracy", margin: float = 0.0, version: str | None = None,
             tracking_uri: str | None = None) -> dict:
     """Decide whether the candidate (`version`, else the `challenger`) takes the `champion` alias.
 
     Never an unevaluated version (no `eval.<metric>` tag); with no champion yet: promoted; otherwise promoted iff
     candidate - champion > 0 and >= margin (a champion with no metric tag loses). Every decision is recorded on
-    the candidate version as promotion.* tags.
+    the candidate version as promotion.* tags, before the alias moves; one promote per store at a time; what a
+    killed register / promote left is repaired first (`_repair`).
 
     Returns {"name", "candidate", "champion_before", "champion_after", "decision", "reason", "metric",
     "candidate_value", "champion_value", "margin"}."""
-    from mlflow.exceptions import MlflowException
-
     margin = float(margin)
     if not math.isfinite(margin) or margin < 0:
         raise NoisyRolloutError(f"promote: margin must be a finite number >= 0, not {margin}")
@@ -279,6 +396,13 @@ def promote(*, name: str, metric: str = "mean_accuracy", margin: float = 0.0, ve
     check_store(uri)
     _require_store_file(uri)
     client = _client(uri)
+    with _registry_lock(uri, f"promoting {name!r}"):
+        return _promote_locked(client, uri, name=name, metric=metric, margin=margin, version=version)
+
+
+def _promote_locked(client, uri: str, *, name: str, metric: str, margin: float, version: str | None) -> dict:
+    from mlflow.exceptions import MlflowException
+
     rm = _registered_model(client, name, uri)
     aliases = _aliases(rm)
     candidate = str(version) if version is not None else aliases.get(CHALLENGER)
@@ -297,21 +421,34 @@ def promote(*, name: str, metric: str = "mean_accuracy", margin: float = 0.0, ve
             raise NoisyRolloutError(f"MLflow registry at {_safe_uri(uri)}: model {name!r} has no version "
                                     f"{candidate}") from None
         champ_mv = client.get_model_version(name, champion) if champion is not None else None
-    cand_raw = (cand_mv.tags or {}).get(tag)
+    cand_tags = cand_mv.tags or {}
+    cand_raw = cand_tags.get(tag)
     champ_raw = (champ_mv.tags or {}).get(tag) if champ_mv is not None else None
     cand_value, champ_value = finite_or_none(cand_raw), finite_or_none(champ_raw)
+    with _mlflow_errors(uri, f"repairing {name!r} versions left by an interrupted run"):
+        repaired = _repair(client, name, champion, candidate)
+    if repaired.get(candidate) == PROMOTED:   # this very promote was killed after the move: it is done now
+        before = cand_tags.get("promotion.compared_to")
+        return {"name": name, "candidate": candidate, "champion_before": None if before in (None, "none") else before,
+                "champion_after": candidate, "decision": PROMOTED, "reason": cand_tags.get("promotion.reason", ""),
+                "metric": cand_tags.get("promotion.metric", metric), "candidate_value": cand_value,
+                "champion_value": None, "margin": margin}
 
     promoted, reason = _decide(metric, margin, candidate, champion, cand_value, champ_value, cand_raw, champ_raw)
-    decision = "promoted" if promoted else "refused"
+    _pause("promote.decided")
     with _mlflow_errors(uri, f"recording the promotion decision on {name!r} v{candidate}"):
-        if promoted:
-            client.set_registered_model_alias(name, CHAMPION, candidate)   # moves it off the old champion
-        record = {"promotion.decision": decision, "promotion.reason": reason[:MAX_TAG_VALUE_LENGTH],
+        record = {"promotion.reason": reason[:MAX_TAG_VALUE_LENGTH],
                   "promotion.compared_to": champion if champion is not None else "none",
-                  "promotion.metric": metric,
-                  "promotion.time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "promotion.metric": metric, "promotion.time": _now(),
+                  "promotion.decision": PROMOTING if promoted else REFUSED}   # the decision last: a set is complete
         for key, value in record.items():
             client.set_model_version_tag(name, candidate, key, value)
+        if promoted:
+            _pause("promote.tagged")
+            client.set_registered_model_alias(name, CHAMPION, candidate)   # moves it off the old champion
+            _pause("promote.moved")
+            client.set_model_version_tag(name, candidate, "promotion.decision", PROMOTED)
+    decision = PROMOTED if promoted else REFUSED
     log.info("registry: %s v%s %s: %s", name, candidate, decision, reason)
     return {"name": name, "candidate": candidate, "champion_before": champion,
             "champion_after": candidate if promoted else champion, "decision": decision, "reason": reason,
@@ -331,9 +468,8 @@ def registry_state(*, name: str, tracking_uri: str | None = None) -> dict:
     by_version: dict[str, list[str]] = {}
     for alias, v in sorted(aliases.items()):
         by_version.setdefault(v, []).append(alias)
-    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     with _mlflow_errors(uri, f"listing {name!r} versions"):
-        found = client.search_model_versions(f"name = '{escaped}'")
+        found = _versions(client, name)
     versions = []
     for mv in sorted(found, key=lambda m: int(m.version), reverse=True):
         tags = mv.tags or {}

@@ -41,9 +41,11 @@ def running(cmd: list[str], *, ready: str, log: Path, cwd: Path, env: dict | Non
             time.sleep(1)
         yield proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+        except ProcessLookupError:   # the session is gone already (a test killed it)
+            proc.wait()
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
