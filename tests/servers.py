@@ -1,5 +1,6 @@
 """Servers the tests start for real (mlflow server, noisyrollout serve): a free port on 127.0.0.1, a process in its
-own session with its log in a file, waiting until an URL answers 200, and a stop by the PID the test started."""
+own session with its log in a file, waiting until an URL answers 200, and a stop by the PID the test started; and
+the tests' own small HTTP servers (a fake judge) served from a thread."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import HTTPServer
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def serving(server: HTTPServer) -> Iterator[HTTPServer]:
+    """`server` answering from a daemon thread while the block runs; shut down and closed after it."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def free_port() -> int:

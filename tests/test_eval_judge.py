@@ -21,6 +21,7 @@ from eval.judge import Judge, JudgeError, JudgeRequest
 from eval.runner import eval_sampling, regrade, run_eval
 from noisyrollout.errors import ConfigError
 from noisyrollout.rollout.engine import Generation, Prompt, SamplingParams
+from tests.servers import serving
 
 KEY = "sk-test-0123456789-SECRET"
 
@@ -103,13 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture()
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeChatServer]:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    srv = FakeChatServer()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+    with serving(FakeChatServer()) as srv:
+        yield srv
 
 
 def _judge(server: FakeChatServer, cache: Path | None, **kw: object) -> Judge:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import serving
+
 # Credentials a user may have in the environment while running the pipeline. The judge sends only its own key;
 # OPENAI_* are meant for another endpoint; the rest are for stores and clusters this run does not (or only
 # locally) use. None of them may be written anywhere.
@@ -245,13 +247,8 @@ class _JudgeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_judge() -> Iterator[FakeJudge]:
-    server = FakeJudge(new_secret())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serving(FakeJudge(new_secret())) as server:
+        yield server
 
 
 # -- the search can fail ---------------------------------------------------------------------------------------------
