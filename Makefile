@@ -37,7 +37,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(WITH_VENV) python -m pytest -m "slow and not soak" $(PYTEST_ARGS)
 
-# Soak: the 300-step memory check (tests/reliability/test_memory.py; about 10 min here), outside make test and CI.
+# Soak: the 300-step memory check (tests/reliability/test_memory.py; 3 min here), outside make test; .ci/run runs it.
 test-soak: $(STAMP)
 	$(WITH_VENV) python -m pytest -m soak -s $(PYTEST_ARGS)
 

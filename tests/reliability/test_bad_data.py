@@ -77,6 +77,9 @@ def test_gate_names_every_bad_row_in_every_split(gated) -> None:
     good = {(s, r.id) for s, rows in planted.items() for r in rows if not r.bad}
     assert {(s, i) for s, i, _, _ in named}.isdisjoint(good)
     assert {r.kind for r in planted["train"] if not r.bad} == {"clean", *bc.CONVERTIBLE, "answer_number", "unicode_rtl"}
+    print(f"\ngate: {len(named)} rows of bad_rows.csv = the {len(bc.bad_rows(planted))} planted (row, rule) pairs of "
+          f"{len(planted)} splits (+4 for the duplicate id's second row); none of the "
+          f"{len(good)} good rows named")
 
     gate = json.loads((root / "docs" / "reports" / "gate.json").read_text())
     assert gate["success"] is False
@@ -284,3 +287,6 @@ def test_eval_report_counts_every_planted_sample(tmp_path, prepared) -> None:
         assert sum(1 for _ in csv.DictReader(f)) == sum(w["n_total"] for w in want.values())   # no id merged
     md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "| mathverse | 100.0 | 15 | 25 | 10 |" in md
+    total = {k: sum(w[k] for w in want.values()) for k in ("n_total", "n_unreadable", "n_scored")}
+    print(f"\neval over {len(want)} benchmarks: {total['n_total']} samples, {total['n_unreadable']} counted unreadable, "
+          f"{total['n_scored']} scored, none dropped")

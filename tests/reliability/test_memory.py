@@ -3,7 +3,7 @@ second while the embedded profile trains (16 prompts x (4 clean + 4 noisy) rollo
 MLflow on, a checkpoint every 20 steps). Promise: after warm-up, growth under 5%.
 
     test_memory_stays_flat_in_ci          60 steps (marker slow: .ci/run)
-    test_memory_stays_flat_over_300_steps 300 steps (marker soak: `make test-soak`, outside CI; about 10 min here)
+    test_memory_stays_flat_over_300_steps 300 steps (marker soak: `make test-soak`, which .ci/run runs; 3 min here)
 
 Growth = (highest RSS over the last fifth of the steps - RSS at the end of warm-up) / RSS at the end of warm-up, where
 warm-up is the first fifth of the steps (the allocator, the vision cache and the first checkpoint settle there); the
