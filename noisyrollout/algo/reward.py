@@ -180,7 +180,7 @@ def quick_verdict(prediction: str, ground_truth: str) -> bool | tuple[str, str]:
     return gold, pred
 
 
-def math_verify_equal(gold: str, pred: str, timeout_s: int = 3) -> bool:
+def math_verify_equal(gold: str, pred: str, timeout_s: float = 3) -> bool:
     """math-verify on a `quick_verdict` pair, each of its phases limited to `timeout_s` seconds (signal.alarm: call
     it on a main thread, e.g. in a worker process). Any error or timeout is False."""
     return _math_verify_equal(gold, pred, max(1, int(timeout_s)))  # math-verify disables its timeout for 0
@@ -194,9 +194,12 @@ def grade_answer(prediction: str, ground_truth: str, *, timeout_s: int = 3) -> b
     MAX_ANSWER_CHARS, or holding a character that is not text (NUL, control, a lone surrogate, U+FFFD), is False.
     """
     verdict = quick_verdict(prediction, ground_truth)
-    if isinstance(verdict, bool):
-        return verdict
-    gold, pred = verdict
+    return verdict if isinstance(verdict, bool) else _decide(*verdict, timeout_s)
+
+
+def _decide(gold: str, pred: str, timeout_s: float) -> bool:
+    """math-verify on a `quick_verdict` pair with a time limit: signal.alarm on the main thread, a killable worker
+    process elsewhere."""
     timeout_s = max(1, int(timeout_s))  # math-verify disables its timeout for 0
     if threading.current_thread() is threading.main_thread():
         return _math_verify_equal(gold, pred, timeout_s)
@@ -226,11 +229,12 @@ def score(
     accuracy_only: bool = False,
     timeout_s: int = 3,
 ) -> dict[str, float]:
-    """{"overall", "accuracy", "format"}; overall = (1 - w) * accuracy + w * format, or accuracy alone."""
-    if len(response) > MAX_RESPONSE_CHARS:
-        return {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
-    accuracy = accuracy_reward(response, ground_truth, timeout_s=timeout_s)
-    return combine(accuracy, format_reward(response), format_weight=format_weight, accuracy_only=accuracy_only)
+    """{"overall", "accuracy", "format"}; overall = (1 - w) * accuracy + w * format, or accuracy alone.
+    `quick_score`'s parts, math-verify deciding what they leave open (as the reward pool does, but serially)."""
+    fmt, accuracy = quick_score(response, ground_truth)
+    if not isinstance(accuracy, float):
+        accuracy = float(_decide(*accuracy, timeout_s))
+    return combine(accuracy, fmt, format_weight=format_weight, accuracy_only=accuracy_only)
 
 
 def quick_score(response: str, ground_truth: str) -> tuple[float, float | tuple[str, str]]:

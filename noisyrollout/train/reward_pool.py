@@ -155,7 +155,6 @@ class RewardPool:
 
         At most one task per worker is handed to pebble at a time: a task already handed over cannot be withdrawn
         without killing the worker that picks it up, so at the deadline only the running ones are killed."""
-        limit = max(1, int(self.timeout_s))
         waiting = list(pairs)
         running: dict[Future, int] = {}
         verdicts: dict[int, bool | None] = {}
@@ -165,7 +164,8 @@ class RewardPool:
             while waiting or running:
                 while waiting and len(running) < self.workers:
                     i = waiting.pop(0)
-                    running[pool.schedule(math_verify_equal, args=(*pairs[i], limit), timeout=self.timeout_s)] = i
+                    running[pool.schedule(math_verify_equal, args=(*pairs[i], self.timeout_s),
+                                           timeout=self.timeout_s)] = i
                 done, _ = wait(running, timeout=max(0.0, deadline - time.monotonic()), return_when=FIRST_COMPLETED)
                 if not done:          # the budget is spent
                     break
