@@ -28,8 +28,8 @@ MAX_GROWTH = 0.05
 
 
 def _sample(driver: psutil.Process, steps_file: Path, stop: threading.Event, out: list) -> None:
-    """(step, driver RSS, [learner RSS, ...]) every 0.5 s; step = steps finished so far."""
-    while not stop.wait(0.5):
+    """(step, driver RSS, [learner RSS, ...]) every 0.2 s; step = steps finished so far (a step takes ~0.4 s)."""
+    while not stop.wait(0.2):
         try:
             learners = [p for p in driver.children(recursive=True)
                         if (p.cmdline() or [""])[0].startswith("ray::RayLearner")]
@@ -41,11 +41,13 @@ def _sample(driver: psutil.Process, steps_file: Path, stop: threading.Event, out
 
 
 def _growth(samples: list, steps: int, pick) -> tuple[float, float, float]:
-    """(RSS at the end of warm-up, highest RSS over the last fifth, growth) of the series `pick(sample)`, in MiB."""
+    """(RSS at the end of warm-up, highest RSS over the last fifth, growth) of the series `pick(sample)`, in MiB.
+    The end of warm-up is the last sample taken with `steps // 5` steps done, or one fewer (a fast step can fall
+    between two samples)."""
     warm_end = steps // 5
-    at_warm = [pick(s) for s in samples if s[0] == warm_end]
+    at_warm = [pick(s) for s in samples if warm_end - 1 <= s[0] <= warm_end]
     late = [pick(s) for s in samples if steps - steps // 5 <= s[0] < steps]   # training, not the final save
-    assert at_warm and late, f"no samples at step {warm_end} or after step {steps - steps // 5}"
+    assert at_warm and late, f"no samples at step {warm_end - 1} or {warm_end}, or after step {steps - steps // 5}"
     base, top = at_warm[-1] / 2**20, max(late) / 2**20
     return base, top, (top - base) / base
 
